@@ -1,0 +1,56 @@
+"""What every feature-norm function shares: parameter checks, the call into the autograd Function, running
+statistics updates, and normalization with given (running) statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab._stats import stats_dtype
+from normlab.kernels import NormSpec, select_backend
+from normlab.kernels.autograd import FeatureNormFunction
+
+
+def check_param(param: Tensor | None, numel: int, name: str, who: str, shape_text: str) -> None:
+    """An affine parameter or running buffer holds one value per channel (any shape, ``numel`` values)."""
+    if param is None:
+        return
+    if not isinstance(param, Tensor):
+        raise TypeError(f"{who}: {name} must be a Tensor or None, got {type(param).__name__}")
+    if param.numel() != numel:
+        raise ValueError(
+            f"{who}: {name} must have {numel} elements, shape {shape_text}, got shape {tuple(param.shape)}"
+        )
+
+
+def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None):
+    """(yv, mean, var) of the view ``xv`` normalized over ``spec.dims``; mean/var are not differentiable."""
+    wv = weight.reshape(spec.affine_shape) if weight is not None else None
+    bv = bias.reshape(spec.affine_shape) if bias is not None else None
+    chosen = select_backend(backend, xv, spec)
+    return FeatureNormFunction.apply(xv, wv, bv, spec, eps, chosen)
+
+
+@torch.no_grad()
+def update_running(running: Tensor | None, batch: Tensor, momentum: float | Tensor) -> None:
+    """running ← (1 − momentum) · running + momentum · batch   (PyTorch's convention: momentum weighs the
+    new batch). ``momentum`` may be a tensor (a cumulative average 1/k keeps torch.compile graphs whole)."""
+    if running is None:
+        return
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(running.dtype)
+    running.lerp_(batch.reshape(running.shape).to(running.dtype), momentum)
+
+
+def apply_channel_stats(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:
+    """Normalize with given per-channel statistics (BN/IN in eval mode): y = x·scale + shift with
+    scale = γ/sqrt(var + ε), shift = β − mean·scale, computed in float32+. The layout of x is kept."""
+    acc = stats_dtype(x.dtype)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(var.to(acc).reshape(-1) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc).reshape(-1)
+    shift = -mean.to(acc).reshape(-1) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc).reshape(-1)
+    return (x.to(acc) * scale.view(shape) + shift.view(shape)).to(x.dtype)

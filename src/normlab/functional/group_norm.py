@@ -1,0 +1,34 @@
+"""Group Norm: statistics per (sample, group of C/G channels). LN over (C, *) is G = 1, IN is G = C."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from normlab._checks import check_dims, check_eps, check_groups, check_tensor
+from normlab._layout import from_view, to_view
+from normlab.functional._normalize import check_param, normalize
+from normlab.kernels import NormSpec
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Group Normalization over an (N, C, *) input, like `torch.nn.functional.group_norm`."""
+    who = "group_norm"
+    check_tensor(input, who)
+    check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
+    check_eps(eps, who)
+    channels = input.shape[1]
+    check_groups(channels, num_groups, who)
+    check_param(weight, channels, "weight", who, f"({channels},)")
+    check_param(bias, channels, "bias", who, f"({channels},)")
+    xv, view = to_view(input, num_groups)
+    spec = NormSpec(view.group_dims, view.affine_shape(num_groups), view)
+    yv, _, _ = normalize(xv, spec, weight, bias, eps, backend)
+    return from_view(yv, view)

@@ -1,0 +1,54 @@
+"""Layer Norm over trailing dims (torch.nn.LayerNorm's convention: elementwise affine over those dims)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from normlab._checks import check_eps, check_tensor
+from normlab._layout import is_channels_last
+from normlab.functional._normalize import normalize
+from normlab.kernels import NormSpec
+
+
+def normalized_shape_tuple(normalized_shape, who: str) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"{who}: normalized_shape must be a positive int or a non-empty tuple of them, got {normalized_shape!r}")
+    return shape
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Layer Normalization over the last ``len(normalized_shape)`` dims, like
+    `torch.nn.functional.layer_norm`. For SPEC's LN of a (N, C, *) feature map with a per-channel affine,
+    use ``group_norm(x, 1, ...)``."""
+    who = "layer_norm"
+    check_tensor(input, who)
+    check_eps(eps, who)
+    shape = normalized_shape_tuple(normalized_shape, who)
+    if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
+        raise ValueError(
+            f"{who}: expected input with shape (*, {', '.join(map(str, shape))}) for normalized_shape={shape}, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and tuple(param.shape) != shape:
+            raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(param.shape)}")
+    width = math.prod(shape)
+    xv = input.reshape(-1, width)
+    yv, _, _ = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend)
+    out = yv.reshape(input.shape)
+    if is_channels_last(input) and input.dim() in (4, 5):
+        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        out = out.contiguous(memory_format=fmt)
+    return out

@@ -1,0 +1,101 @@
+"""Switchable Norm (Luo et al., ICLR 2019): a learned softmax mix of IN, LN and BN statistics."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from normlab._checks import check_batch_values, check_dims, check_eps, check_momentum, check_tensor
+from normlab._layout import from_view, to_view
+from normlab.functional._normalize import check_param, update_running
+from normlab.kernels import SwitchSpec, select_backend
+from normlab.kernels.autograd import SwitchNormFunction
+from normlab.kernels.contract import SOURCES
+
+
+def check_sources(sources, who: str) -> tuple[str, ...]:
+    sources = tuple(sources)
+    if not sources or len(set(sources)) != len(sources) or not set(sources) <= set(SOURCES):
+        raise ValueError(f"{who}: sources must be distinct names from {SOURCES}, got {sources!r}")
+    return sources
+
+
+def switch_norm(
+    input: Tensor,
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    sources: tuple[str, ...] = SOURCES,
+    authors_compat: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """Switchable Normalization of an (N, C, *) input.
+
+        μ = Σ_k softmax(mean_logits)_k μ_k,   σ² = Σ_k softmax(var_logits)_k σ²_k,   k over ``sources``
+        y = weight · (x − μ) / sqrt(σ² + eps) + bias
+
+    The logits are ordered like ``sources``. In training (or without running statistics) the BN source uses
+    the batch's statistics and, if given, running_mean/var are updated with PyTorch's momentum (the weight
+    of the new batch): with the unbiased batch variance, or with the authors' σ²_bn under
+    ``authors_compat``. In eval mode with running statistics the BN source uses them.
+
+    ``authors_compat`` reproduces the authors' public implementation: the IN variance is the unbiased one
+    and the LN/BN variances are derived from it; for inputs with one position per channel ((N, C), their
+    SwitchNorm1d) the LN/BN variances are the unbiased ones over C and over N.
+    """
+    who = "switch_norm"
+    check_tensor(input, who)
+    check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
+    check_eps(eps, who)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who)
+    sources = check_sources(sources, who)
+    channels = input.shape[1]
+    for name, param in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        check_param(param, channels, name, who, f"({channels},)")
+    for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
+        check_param(logits, len(sources), name, who, f"({len(sources)},) — one per source {sources}")
+
+    positions = math.prod(input.shape[2:])
+    if "in" in sources and positions <= 1:
+        raise ValueError(
+            f"{who}: instance statistics need more than one position per channel, got input of shape "
+            f"{tuple(input.shape)}; leave 'in' out of sources for (N, C) inputs (SwitchNorm1d mixes LN and BN)"
+        )
+    running_bn = "bn" in sources and not training and running_mean is not None and running_var is not None
+    if "bn" in sources and not running_bn:
+        check_batch_values(
+            input, input.shape[0] * positions, who,
+            "; batch statistics need a batch: build the layer with using_bn=False to mix only IN and LN",
+        )
+
+    xv, view = to_view(input, channels)
+    affine_shape = view.affine_shape(channels)
+    spec = SwitchSpec(view, sources, running_bn, authors_compat, affine_shape)
+    chosen = select_backend(backend, xv, spec)
+    yv, batch_mean, batch_var = SwitchNormFunction.apply(
+        xv,
+        weight.reshape(affine_shape) if weight is not None else None,
+        bias.reshape(affine_shape) if bias is not None else None,
+        mean_logits.reshape(-1),
+        var_logits.reshape(-1),
+        running_mean.reshape(affine_shape) if running_bn else None,
+        running_var.reshape(affine_shape) if running_bn else None,
+        spec,
+        eps,
+        chosen,
+    )
+    if training and batch_mean.numel():
+        count = input.shape[0] * positions
+        unbias = 1.0 if authors_compat else count / (count - 1)
+        update_running(running_mean, batch_mean, momentum)
+        update_running(running_var, batch_var * unbias, momentum)
+    return from_view(yv, view)

@@ -1,0 +1,81 @@
+"""The autograd Functions every feature norm goes through, whatever backend computes it.
+
+Saved for backward: the input (a view, no copy) and per-set statistics — mean and 1/σ for BN/LN/IN/GN, the
+per-(n, c) moments for SN — O(N·C) values, never x̂ or anything else of the input's size.
+
+Double backward: when a backward runs with ``create_graph=True`` (grad mode on), the statistics are
+recomputed from the saved input with differentiable operations and the portable torch backend's closed
+form builds the graph — so every method supports higher-order gradients like torch.nn's norms do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from normlab._stats import moments
+from normlab.kernels import torch_backend
+
+
+def _cast(grad, like):
+    return None if grad is None else grad.to(like.dtype)
+
+
+class FeatureNormFunction(torch.autograd.Function):
+    """y, mean, var = normalize(x over spec.dims) · weight + bias   (mean and var are not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, xv, weight, bias, spec, eps, backend):
+        yv, mean, var = backend.forward(xv, weight, bias, spec, eps)
+        rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(xv, weight, bias, mean, rstd)
+        ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
+        ctx.mark_non_differentiable(mean, var)
+        return yv, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xv, weight, bias, mean, rstd = ctx.saved_tensors
+        backend = ctx.backend
+        if torch.is_grad_enabled():  # double backward: make the statistics functions of x again
+            mean, var = moments(xv, ctx.spec.dims)
+            rstd = torch.rsqrt(var + ctx.eps)
+            backend = torch_backend
+        dx, dweight, dbias = backend.backward(dy, xv, weight, mean, rstd, ctx.spec, ctx.needs_input_grad[:3])
+        return dx, _cast(dweight, weight), _cast(dbias, bias), None, None, None
+
+
+class SwitchNormFunction(torch.autograd.Function):
+    """Switchable Norm; returns y and the batch BN statistics (None-like zeros when not computed)."""
+
+    @staticmethod
+    def forward(ctx, xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps, backend):
+        yv, mean_in, var_in, batch_mean, batch_var = backend.switch_forward(
+            xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps
+        )
+        ctx.save_for_backward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, mean_in, var_in)
+        ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
+        if batch_mean is None:
+            batch_mean = batch_var = mean_in.new_empty(0)
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        return yv, batch_mean, batch_var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xv, weight, bias, mean_logits, var_logits, running_mean, running_var, mean_in, var_in = ctx.saved_tensors
+        backend = ctx.backend
+        if torch.is_grad_enabled():  # double backward: make the statistics functions of x again
+            mean_in, var_in = moments(xv, ctx.spec.view.group_dims)
+            backend = torch_backend
+        needs = ctx.needs_input_grad[:5]
+        dx, dweight, dbias, dmean_logits, dvar_logits = backend.switch_backward(
+            dy, xv, weight, mean_logits, var_logits, running_mean, running_var, mean_in, var_in,
+            ctx.spec, ctx.eps, needs,
+        )
+        return (
+            dx,
+            _cast(dweight, weight),
+            _cast(dbias, bias),
+            _cast(dmean_logits, mean_logits),
+            _cast(dvar_logits, var_logits),
+            None, None, None, None, None,
+        )

@@ -1,0 +1,73 @@
+"""The one contract every kernel backend implements, and the specs that describe a call.
+
+Feature norms (BN, LN, IN, GN) reach a backend as a view ``xv`` of the input (see `normlab._layout`) and
+the dims of that view that share one statistic:
+
+    forward(xv, weight, bias, spec, eps)              -> (yv, mean, var)   mean/var keepdim, float32+
+    backward(dy, xv, weight, mean, rstd, spec, needs) -> (dx, dweight, dbias)
+
+``weight``/``bias`` are already viewed to broadcast against ``xv`` (or None). ``var`` is biased (÷m).
+``needs`` = (dx, dweight, dbias) booleans. A backward returns None for what is not needed.
+
+Switchable Norm reaches a backend as the view with G = C plus a `SwitchSpec`:
+
+    switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps)
+        -> (yv, mean_in, var_in, batch_mean, batch_var)
+    switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
+                    mean_in, var_in, spec, eps, needs)
+        -> (dx, dweight, dbias, dmean_logits, dvar_logits)
+
+``mean_in``/``var_in`` are the per-(n, c) moments (biased), the only statistics saved for backward.
+A backend that lacks the SN pair is used for the feature norms only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from normlab._layout import FeatureView
+
+SOURCES = ("in", "ln", "bn")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A feature-norm call: which dims of the view share statistics, and the view's geometry.
+
+    ``view`` is None for LayerNorm over trailing dims, whose view is simply (rows, normalized elements).
+    ``affine_shape`` is the shape weight/bias take to broadcast against the view (None without affine).
+    """
+
+    dims: tuple[int, ...]
+    affine_shape: tuple[int, ...] | None = None
+    view: FeatureView | None = None
+
+
+@dataclass(frozen=True)
+class SwitchSpec:
+    """A Switchable Norm call on the G = C view.
+
+    sources: which statistics are mixed, in logit order (a subset of ("in", "ln", "bn")).
+    running_bn: the BN source uses running statistics (constants), not the batch's.
+    authors_compat: the authors' public implementation — unbiased IN variance, from which LN/BN variances
+        are derived; for inputs with one position per channel, LN/BN variances are the unbiased ones.
+    """
+
+    view: FeatureView
+    sources: tuple[str, ...]
+    running_bn: bool
+    authors_compat: bool
+    affine_shape: tuple[int, ...] | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, xv: Tensor, spec: NormSpec) -> bool: ...
+
+    def forward(self, xv, weight, bias, spec: NormSpec, eps: float): ...
+
+    def backward(self, dy, xv, weight, mean, rstd, spec: NormSpec, needs): ...
