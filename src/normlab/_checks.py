@@ -20,7 +20,9 @@ def check_tensor(x: object, who: str) -> None:
 
 
 def check_dims(x: Tensor, allowed: tuple[int, ...], who: str, layout: str) -> None:
-    """Number of dimensions among ``allowed``; ``layout`` names them, e.g. '(N, C, H, W)'."""
+    """A floating-point tensor (`check_tensor`) whose number of dimensions is among ``allowed``; ``layout``
+    names them, e.g. '(N, C, H, W)'."""
+    check_tensor(x, who)  # modules check dims first: a non-tensor must not fail with an AttributeError
     if x.dim() not in allowed:
         want = " or ".join(f"{d}D" for d in allowed)
         raise ValueError(f"{who} expects {want} input {layout}, got {x.dim()}D input of shape {tuple(x.shape)}")

@@ -12,9 +12,12 @@ import torch
 from torch import Tensor
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics are accumulated in: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+def stats_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32, or float64 if any of ``dtypes`` is float64."""
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
 
 
 def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:

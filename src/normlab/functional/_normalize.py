@@ -23,6 +23,12 @@ def check_param(param: Tensor | None, numel: int, name: str, who: str, shape_tex
         )
 
 
+def check_channel_params(channels: int, who: str, **params: Tensor | None) -> None:
+    """Every given per-channel parameter or buffer holds ``channels`` values."""
+    for name, param in params.items():
+        check_param(param, channels, name, who, f"({channels},)")
+
+
 def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None):
     """(yv, mean, var) of the view ``xv`` normalized over ``spec.dims``; mean/var are not differentiable."""
     wv = weight.reshape(spec.affine_shape) if weight is not None else None

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from normlab._checks import check_batch_values, check_dims, check_eps, check_momentum, check_tensor
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import apply_channel_stats, check_param, normalize, update_running
+from normlab.functional._normalize import apply_channel_stats, check_channel_params, normalize, update_running
 from normlab.kernels import NormSpec
 
 
@@ -35,8 +35,9 @@ def batch_norm(
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who)
     channels = input.shape[1]
-    for name, param in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        check_param(param, channels, name, who, f"({channels},)")
+    check_channel_params(
+        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(

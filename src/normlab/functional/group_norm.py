@@ -6,7 +6,7 @@ from torch import Tensor
 
 from normlab._checks import check_dims, check_eps, check_groups, check_tensor
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import check_param, normalize
+from normlab.functional._normalize import check_channel_params, normalize
 from normlab.kernels import NormSpec
 
 
@@ -26,8 +26,7 @@ def group_norm(
     check_eps(eps, who)
     channels = input.shape[1]
     check_groups(channels, num_groups, who)
-    check_param(weight, channels, "weight", who, f"({channels},)")
-    check_param(bias, channels, "bias", who, f"({channels},)")
+    check_channel_params(channels, who, weight=weight, bias=bias)
     xv, view = to_view(input, num_groups)
     spec = NormSpec(view.group_dims, view.affine_shape(num_groups), view)
     yv, _, _ = normalize(xv, spec, weight, bias, eps, backend)

@@ -16,7 +16,9 @@ from normlab.kernels import NormSpec
 def normalized_shape_tuple(normalized_shape, who: str) -> tuple[int, ...]:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"{who}: normalized_shape must be a positive int or a non-empty tuple of them, got {normalized_shape!r}")
+        raise ValueError(
+            f"{who}: normalized_shape must be a positive int or a non-empty tuple of them, got {normalized_shape!r}"
+        )
     return shape
 
 
@@ -45,6 +47,13 @@ def layer_norm(
         if param is not None and tuple(param.shape) != shape:
             raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(param.shape)}")
     width = math.prod(shape)
+    if is_channels_last(input) and len(shape) == input.dim() - 1:
+        # over (C, *spatial) of a channels_last input: rows in memory order (N, *spatial, C), no copy of x;
+        # the elementwise affine parameters are permuted the same way (small copies)
+        moved = input.movedim(1, -1)
+        weight, bias = (p.movedim(0, -1) if p is not None else None for p in (weight, bias))
+        yv, _, _ = normalize(moved.reshape(-1, width), NormSpec((1,), (1, width)), weight, bias, eps, backend)
+        return yv.reshape(moved.shape).movedim(-1, 1)
     xv = input.reshape(-1, width)
     yv, _, _ = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend)
     out = yv.reshape(input.shape)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from normlab._checks import check_batch_values, check_dims, check_eps, check_momentum, check_tensor
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import check_param, update_running
+from normlab.functional._normalize import check_channel_params, check_param, update_running
 from normlab.kernels import SwitchSpec, select_backend
 from normlab.kernels.autograd import SwitchNormFunction
 from normlab.kernels.contract import SOURCES
@@ -59,8 +59,9 @@ def switch_norm(
         check_momentum(momentum, who)
     sources = check_sources(sources, who)
     channels = input.shape[1]
-    for name, param in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        check_param(param, channels, name, who, f"({channels},)")
+    check_channel_params(
+        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
         check_param(logits, len(sources), name, who, f"({len(sources)},) — one per source {sources}")
 

@@ -34,11 +34,17 @@ def _supports(backend: Backend, xv: Tensor, spec: NormSpec | SwitchSpec) -> bool
     return backend.supports(xv, spec)
 
 
+def _auto_ok(backend: Backend, xv: Tensor) -> bool:
+    """A backend may run some calls only when named (Triton's CPU interpreter, for tests): ``auto_ok``."""
+    check = getattr(backend, "auto_ok", None)
+    return check is None or check(xv)
+
+
 def select_backend(requested: str | None, xv: Tensor, spec: NormSpec | SwitchSpec) -> Backend:
     """The backend that runs this call: ``requested`` by name, or the first that supports it."""
     if requested is None or requested == "auto":
         for name in _AUTO_ORDER:
-            if _supports(_BACKENDS[name], xv, spec):
+            if _auto_ok(_BACKENDS[name], xv) and _supports(_BACKENDS[name], xv, spec):
                 return _BACKENDS[name]
         return torch_backend
     if requested not in _BACKENDS:
@@ -53,3 +59,12 @@ def select_backend(requested: str | None, xv: Tensor, spec: NormSpec | SwitchSpe
 
 
 __all__ = ["NormSpec", "SwitchSpec", "available_backends", "register_backend", "select_backend"]
+
+try:  # Triton kernels for CUDA tensors (see triton_backend); absent Triton, "auto" runs the torch backend
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from normlab.kernels import triton_backend
+
+    register_backend(triton_backend)

@@ -54,8 +54,8 @@ class SwitchNormFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, mean_in, var_in)
         ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
-        if batch_mean is None:
-            batch_mean = batch_var = mean_in.new_empty(0)
+        if batch_mean is None:  # two distinct tensors: torch.compile maps each output to its own gradient
+            batch_mean, batch_var = mean_in.new_empty(0), mean_in.new_empty(0)
         ctx.mark_non_differentiable(batch_mean, batch_var)
         return yv, batch_mean, batch_var
 

@@ -151,7 +151,7 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     if need_dx:
         s = _in_var_scale(positions, spec)
         dx = g * rstd
-        for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources)):
+        for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources, strict=True)):
             if pooled == 0:  # running statistics: constants
                 continue
             dims = _pool_dims(source, spec)

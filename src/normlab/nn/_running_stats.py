@@ -44,6 +44,8 @@ class RunningStatsNorm(nn.Module):
         device=None,
         dtype=None,
         backend: str = "auto",
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         who = type(self).__name__
@@ -59,7 +61,10 @@ class RunningStatsNorm(nn.Module):
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -86,11 +91,12 @@ class RunningStatsNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"

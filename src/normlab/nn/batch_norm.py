@@ -20,8 +20,8 @@ class _BatchNorm(RunningStatsNorm):
     ``momentum`` is PyTorch's, not an optimizer's: running ← (1 − momentum)·running + momentum·batch.
     ``momentum=None`` keeps a cumulative average. Other libraries use the opposite (decay) convention.
 
-    Args: num_features (C), eps, momentum, affine, track_running_stats, device, dtype as in torch.nn;
-    ``backend`` ("auto", "torch", or a registered fast backend) picks the kernel.
+    Args: num_features (C), eps, momentum, affine, track_running_stats, device, dtype, keyword-only bias
+    as in torch.nn; ``backend`` ("auto", "torch", or a registered fast backend) picks the kernel.
     """
 
     _input_dims: tuple[int, ...] = ()

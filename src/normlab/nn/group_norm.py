@@ -17,12 +17,12 @@ class GroupNorm(nn.Module):
     of the batch size: train and eval compute the same thing. GroupNorm(1, C) is SPEC's Layer Norm of a
     feature map, GroupNorm(C, C) its Instance Norm. Input (N, C, *).
 
-    Args as torch.nn.GroupNorm: num_groups, num_channels, eps, affine, device, dtype; ``backend`` picks
-    the kernel ("auto" by default).
+    Args as torch.nn.GroupNorm: num_groups, num_channels, eps, affine, device, dtype, keyword-only bias;
+    ``backend`` picks the kernel ("auto" by default).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None, backend: str = "auto") -> None:
+                 device=None, dtype=None, backend: str = "auto", *, bias: bool = True) -> None:
         super().__init__()
         who = type(self).__name__
         check_groups(num_channels, num_groups, who)
@@ -34,7 +34,10 @@ class GroupNorm(nn.Module):
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -43,7 +46,8 @@ class GroupNorm(nn.Module):
     def reset_parameters(self) -> None:
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         who = type(self).__name__
@@ -52,7 +56,8 @@ class GroupNorm(nn.Module):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
-        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        text = (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"bias={self.bias is not None}")
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
 
 

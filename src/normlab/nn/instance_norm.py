@@ -25,8 +25,10 @@ class _InstanceNorm(RunningStatsNorm):
     _layout: str = ""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, backend: str = "auto") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend)
+                 track_running_stats: bool = False, device=None, dtype=None, backend: str = "auto", *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, backend,
+                         bias=bias)
 
     def forward(self, input: Tensor) -> Tensor:
         who = type(self).__name__

@@ -50,5 +50,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
-        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        text = (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None}")
         return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"

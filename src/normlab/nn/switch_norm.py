@@ -79,8 +79,10 @@ class _SwitchNorm(nn.Module):
         self.sources = base + ("bn",) if using_bn else base
 
         factory = {"device": device, "dtype": dtype}
-        param_shape = (1, num_features) + (1,) * self._spatial if authors_compat else (num_features,)
-        stat_shape = ((1, num_features) if self._spatial == 0 else (1, num_features, 1)) if authors_compat else (num_features,)
+        param_shape, stat_shape = (num_features,), (num_features,)
+        if authors_compat:  # the authors' shapes: weight (1, C, 1, 1), running (1, C, 1); 1d: (1, C)
+            param_shape = (1, num_features) + (1,) * self._spatial
+            stat_shape = (1, num_features) if self._spatial == 0 else (1, num_features, 1)
         if affine:
             self.weight = nn.Parameter(torch.empty(param_shape, **factory))
             self.bias = nn.Parameter(torch.empty(param_shape, **factory))
@@ -140,7 +142,7 @@ class _SwitchNorm(nn.Module):
     def importance(self) -> dict[str, dict[str, float]]:
         """The learned mix as probabilities: {"mean": {"in": p, "ln": p, "bn": p}, "var": {...}}."""
         return {
-            kind: dict(zip(self.sources, torch.softmax(logits.float(), 0).tolist()))
+            kind: dict(zip(self.sources, torch.softmax(logits.float(), 0).tolist(), strict=True))
             for kind, logits in (("mean", self.mean_weight), ("var", self.var_weight))
         }
 

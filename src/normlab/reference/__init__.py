@@ -11,7 +11,9 @@ Each submodule is re-exported below, one per line.
 """
 
 from normlab.reference import batch_norm as batch_norm
+from normlab.reference import cosine_norm as cosine_norm
 from normlab.reference import group_norm as group_norm
 from normlab.reference import instance_norm as instance_norm
 from normlab.reference import layer_norm as layer_norm
 from normlab.reference import switch_norm as switch_norm
+from normlab.reference import weight_norm as weight_norm

@@ -50,8 +50,7 @@ def train_run(spec: RunSpec, data: StudyData, device: str | torch.device = "cpu"
     n = len(data.y_train)
     if spec.batch_size > n:
         raise ValueError(f"batch size {spec.batch_size} is larger than the training set ({n} samples)")
-    import os
-    model = StudyNet(spec.method, data.in_channels, data.spatial, data.num_classes, seed=spec.seed, min_size=int(os.environ.get('MINSIZE', '1'))).to(device)
+    model = StudyNet(spec.method, data.in_channels, data.spatial, data.num_classes, seed=spec.seed).to(device)
     steps_per_epoch = spec.steps_per_epoch(n)
     total_steps = steps_per_epoch * spec.epochs
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=0.9)

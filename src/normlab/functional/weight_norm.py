@@ -1,0 +1,79 @@
+"""Weight Normalization, the math: w = g · v / ‖v‖ and its closed-form gradients (SPEC §1).
+
+    ∇_g L = ∇_w L · v / ‖v‖,    ∇_v L = (g/‖v‖) ∇_w L − (g ∇_g L / ‖v‖²) v
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab._stats import stats_dtype
+
+__all__ = ["norm_except_dim", "weight_normalized"]
+
+
+
+
+def _reduce_axes(ndim: int, dim: int | None) -> list[int]:
+    """Every axis but `dim` (all axes when dim is None)."""
+    return [a for a in range(ndim) if a != dim]
+
+
+def norm_except_dim(v: Tensor, dim: int | None) -> Tensor:
+    """‖v‖ over every axis but `dim`, keeping them (g's shape); 0-d over the whole tensor when dim is None."""
+    if dim is None:
+        return torch.linalg.vector_norm(v)
+    axes = _reduce_axes(v.dim(), dim)
+    if not axes:  # 1-D v normalized along its only axis: one norm per element
+        return v.abs()
+    return torch.linalg.vector_norm(v, dim=axes, keepdim=True)
+
+
+def _sum_except_dim(t: Tensor, dim: int | None) -> Tensor:
+    if dim is None:
+        return t.sum()
+    axes = _reduce_axes(t.dim(), dim)
+    return t.sum(dim=axes, keepdim=True) if axes else t
+
+
+
+class _WeightNormFunction(torch.autograd.Function):
+    """w = g · v/‖v‖ with SPEC §1's closed-form backward (differentiable again: ‖v‖ is recomputed)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
+        cdt = stats_dtype(v.dtype, g.dtype)
+        v_, g_ = v.to(cdt), g.to(cdt)  # v: (O, ...) ; g: v's shape with 1 on the reduced axes, or ()
+        return (v_ * (g_ / norm_except_dim(v_, dim))).to(v.dtype)  # (O, ...)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        v, g, dim = inputs
+        ctx.save_for_backward(v, g)
+        ctx.dim = dim
+
+    @staticmethod
+    def backward(ctx, dw: Tensor):
+        v, g = ctx.saved_tensors
+        cdt = stats_dtype(v.dtype, g.dtype, dw.dtype)
+        v_, g_, dw_ = v.to(cdt), g.to(cdt), dw.to(cdt)
+        n = norm_except_dim(v_, ctx.dim)  # like g
+        # ∇g = Σ ∇w · v / ‖v‖                      (sum over every axis but dim)
+        # ∇v = (g/‖v‖) ∇w − (g ∇g / ‖v‖²) v        (so ∇v ⟂ v)
+        dg = _sum_except_dim(dw_ * v_, ctx.dim) / n  # like g
+        dv = (g_ / n) * dw_ - (g_ * dg / n.square()) * v_  # like v
+        return dv.to(v.dtype), dg.to(g.dtype), None
+
+
+def weight_normalized(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
+    """w = g · v / ‖v‖, the norm over every axis of v but ``dim`` (all axes when None).
+
+    g has v's shape with 1 on every axis but ``dim`` (0-d for ``dim=None``): torch's `norm_except_dim`
+    layout. Gradients are SPEC §1's closed form. Norms are computed in float32 at least.
+    """
+    if dim is not None and v.dim():
+        dim = dim % v.dim()  # negative dims count from the end
+    return _WeightNormFunction.apply(v, g, dim)
