@@ -36,6 +36,6 @@ def assert_close(actual, expected, dtype=None, msg=None):
 
 @pytest.fixture(autouse=True)
 def _seed_global_rng():
-    """Tests that use the global RNG (module initialisation, dropout-free here) stay reproducible."""
+    """Anything that draws from the global RNG stays reproducible test by test."""
     torch.manual_seed(0)
     yield

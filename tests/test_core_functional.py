@@ -282,7 +282,7 @@ def test_low_precision_eval_is_computed_in_float32(method):
     case = Case(method, (2, 3, 4, 4), {"eval": True})
     x = (100 + randn(*case.shape, seed=1)).bfloat16()
     p = {"mean_logits": torch.tensor([-9.0, -9.0, 9.0]), "var_logits": torch.zeros(3)} if method == "sn" else {}
-    stats = {"running_mean": torch.full((3,), 100.0), "running_var": torch.ones(3)}
+    stats = {"running_mean": torch.full((3,), 100.0), "running_var": torch.full((3,), 0.3)}
     out = call_normlab(case, x, p, stats)
     exact, _, _ = call_reference(case, x, p, stats)
     assert out.dtype == torch.bfloat16
@@ -492,6 +492,3 @@ def test_non_contiguous_input_works():
     expected = TF.batch_norm(x.contiguous(), None, None, training=True)
     assert_close(NF.batch_norm(x, None, None, training=True), expected)
 
-
-def test_tolerance_table_is_complete():
-    assert set(TOL) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}

@@ -8,9 +8,12 @@ float32 — and that each pass made exactly one collective. Processes talk over 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -49,6 +52,7 @@ CASES = {
     "bn_channels_last": Case("bn", (5, 3, 3, 2), (3, 2), channels_last=True),  # layout kept
     "bn_momentum_none": Case("bn", (4, 3, 2, 2), (1, 3), {"momentum": None}),  # cumulative average
     "bn_no_affine": Case("bn", (4, 3, 2, 2), (3, 1), {"affine": False}),
+    "bn_no_bias": Case("bn", (4, 3, 2, 2), (1, 3), {"bias": False}),  # weight without bias
     "bn_no_running": Case("bn", (4, 3, 2, 2), (2, 2), {"track_running_stats": False}),
     # a large common offset: the combination stays centered (float64 to separate it from input rounding)
     "bn_offset_f64": Case("bn", (5, 3, 2, 2), (4, 1), dtype=torch.float64, offset=1e6),
@@ -294,3 +298,39 @@ def test_layout_and_errors():
     with pytest.raises(ValueError, match="expects 2D or 3D or 4D or 5D"):
         layer(torch.randn(3))
     assert math.isclose(SyncSwitchNorm(3, dim=3, authors_compat=True).momentum, 0.003)
+
+
+# ---------------------------------------------------------------- the study under torchrun
+
+
+def test_study_under_torchrun(tmp_path):
+    pytest.importorskip("sklearn")  # the digits data set
+    from normlab.study.distributed import main
+
+    common = ["--dataset", "digits", "--train-size", "128", "--test-size", "64", "--epochs", "1"]
+    out = tmp_path / "torchrun.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "normlab.study.distributed", *common, "--batch-size", "4", "--json", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["bn", "sync_bn", "gn", "sn"]
+    for r in rows:
+        assert r["world_size"] == WORLD and r["global_batch"] == 4 * WORLD and r["steps"] == 128 // 8
+        assert 0 <= r["test_error"] <= 1 and math.isfinite(r["train_loss"])
+    assert rows[3]["sn_importance"] is not None
+    assert "sync_bn" in done.stdout  # rank 0 printed the table
+
+    # Synchronized BN on 2 ranks x 4 trains exactly like BN in one process x 8 (up to float rounding);
+    # per-rank BN does not.
+    single = tmp_path / "single.json"
+    assert main([*common, "--batch-size", "8", "--methods", "bn", "--json", str(single)]) == 0
+    one = json.loads(single.read_text())[0]
+    assert one["world_size"] == 1 and one["global_batch"] == 8
+    assert rows[1]["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
+    assert rows[1]["test_error"] == pytest.approx(one["test_error"], abs=2 / 64)
+    assert rows[0]["train_loss"] != pytest.approx(one["train_loss"], rel=1e-3)

@@ -11,13 +11,15 @@ dtype after the final cast (conftest's table). Against the float64 reference, fl
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import numpy as np  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
@@ -93,10 +95,12 @@ GN_CASES = [
     # (shape, groups, channels_last, tuning, why)
     ((2, 6, 5, 7), 3, False, {}, "single tile: CG = 2 and L = 35 (not powers of 2) exercise every mask"),
     ((2, 6, 5, 7), 1, False, {}, "G = 1: SPEC's LN of a feature map"),
-    ((2, 6, 5, 7), 6, False, {}, "G = C: IN; several sets per program"),
+    ((2, 6, 5, 7), 6, False, {}, "G = C: IN, 12 sets"),
+    ((3, 6, 2, 2), 6, False, {"set_tile_forward": 16, "set_tile_backward": 16, "num_sms": 1, "programs_per_sm": 1},
+     "single tile, 4 sets per program over 5 programs, the last one partial"),
     ((2, 4, 9, 9), 2, False, {"path": "looped", "set_tile_forward": 32, "set_tile_backward": 32},
      "looped set kernel: a set spans several (channel, position) tiles"),
-    ((1, 8, 9, 7), 2, False, {"path": "staged", "tile": 16},
+    ((1, 8, 9, 7), 2, False, {"path": "staged", "tile": 16, "combine_block": 4},
      "batch 1, few sets: position chunks over many programs, Chan combine over channels and chunks"),
     ((2, 8, 5, 6), 4, True, {}, "channels_last: (positions × channels) tiles, group of a column = c // CG"),
     ((2, 8, 5, 6), 2, True, {"tile": 4}, "channels_last with 2 channel blocks and many position chunks"),
@@ -184,7 +188,7 @@ BN_CASES = [
     # (shape, channels_last, tuning, why)
     ((4, 3, 5, 6), False, {}, "NCHW: rows of L per (n, c), combined over samples and chunks"),
     ((4, 3, 5, 6), True, {}, "channels_last: N·L rows of C channels"),
-    ((3, 5, 7, 4), False, {"tile": 8}, "NCHW with position chunks (S > 1) per (n, c)"),
+    ((3, 5, 7, 4), False, {"tile": 8, "combine_block": 2}, "NCHW with position chunks (S > 1) per (n, c)"),
     ((3, 5, 7, 4), True, {"tile": 4}, "channels_last with 2 channel blocks and many row chunks"),
     ((8, 5), False, {}, "(N, C): one position per channel, read as channels_last rows"),
     ((4, 3, 7), False, {}, "3-d (N, C, L)"),
@@ -234,8 +238,8 @@ LN_CASES = [
     # (shape, normalized_shape, tuning, why)
     ((4, 7, 33), (33,), {}, "rows in registers, several rows per program, D = 33 masked"),
     ((3, 5, 4), (5, 4), {}, "two normalized dims: rows of 20"),
-    ((5, 40), (40,), {"row_tile": 16, "programs_per_sm": 1}, "wide rows: looped forward and backward"),
-    ((37, 8), (8,), {"programs_per_sm": 1, "num_sms": 2}, "persistent backward: each program walks row blocks"),
+    ((5, 40), (40,), {"row_tile": 16, "ln_programs_per_sm": 1}, "wide rows: looped forward and backward"),
+    ((37, 8), (8,), {"ln_programs_per_sm": 1, "num_sms": 2}, "persistent backward: each program walks row blocks"),
 ]
 
 
@@ -285,7 +289,7 @@ SN_CASES = [
 
 @pytest.mark.parametrize("shape,sources,channels_last,mode,why", SN_CASES, ids=[c[-1][:40] for c in SN_CASES])
 def test_switch_norm_matches_torch_backend(shape, sources, channels_last, mode, why, tuning):
-    tuning(tile=8)  # several position chunks even on tiny shapes
+    tuning(tile=8, combine_block=4)  # several position chunks and combine steps even on tiny shapes
     channels = shape[1]
     x = _memory(randn(*shape).to(DEVICE), channels_last)
     w, b = params(channels)
@@ -403,6 +407,25 @@ def test_unsupported_calls_fall_back_or_fail_clearly():
     assert select_backend("auto", xv, spec).name != "triton"  # float64 statistics stay float64
     with pytest.raises(ValueError, match="cannot run this call"):
         select_backend("triton", xv, spec)
+
+
+# ---------------------------------------------------------------- the real compiler, without a GPU
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE != "cpu", reason="with a GPU every test above compiles its kernels for real")
+def test_kernels_compile_for_sm90():
+    """The interpreter skips Triton's compiler: compile every kernel variant for an H100 instead (see the
+    script; about a minute on two cores), failing on compile errors and on register spills."""
+    from pathlib import Path
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton ships no ptxas/cuobjdump")
+    script = Path(__file__).with_name("triton_sm90_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 
 # ---------------------------------------------------------------- GPU: realistic shapes, compiled kernels

@@ -8,8 +8,171 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_study_parser(subparsers)
     return parser
+
+
+# --- normlab study ------------------------------------------------------------------------------------------
+
+
+def _comma_list(convert):
+    def parse(text: str) -> list:
+        try:
+            return [convert(item) for item in text.split(",") if item.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r} ({err})") from err
+
+    return parse
+
+
+def _add_study_parser(subparsers) -> None:
+    from normlab.study.data import DATASETS
+    from normlab.study.runner import DEFAULT_BATCH_SIZES, METHOD_ORDER, QUICK, StudyConfig
+
+    d = StudyConfig.__dataclass_fields__
+    q = ", ".join(
+        f"{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in QUICK.items()
+    )
+    p = subparsers.add_parser(
+        "study",
+        help="train one small CNN per (method, batch size, seed) and plot error versus batch size",
+        description=(
+            "The batch-size study (SPEC §3): trains the same small convolutional network once per "
+            "(method, batch size, seed) with the Group Norm paper's protocol — learning rate base·B/32, the "
+            "same epochs at every batch size, the same seeds and data order for every method — and reports "
+            "test error, training error, wall time and Switchable Norm's learned importance weights. "
+            "Writes results.jsonl (one line per finished run), report.md and PNG figures into --out. "
+            "Interrupt it at any time and rerun the same command: finished runs are skipped."
+        ),
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"a taste in under a minute: {q} (other options still override)"
+    )
+    p.add_argument(
+        "--methods",
+        type=_comma_list(str),
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated normalization methods (default: those of {','.join(METHOD_ORDER)} "
+        "that are registered; 'none' = no normalization; any name from normlab.list_norms())",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_comma_list(int),
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated batch sizes (default: {','.join(map(str, DEFAULT_BATCH_SIZES))})",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"epochs per run, the same at every batch size (default: {d['epochs'].default})",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"number of seeds per (method, batch size): seeds 0..N-1 (default: {d['seeds'].default})",
+    )
+    p.add_argument(
+        "--lr",
+        dest="base_lr",
+        type=float,
+        default=None,
+        metavar="LR",
+        help=f"learning rate at batch 32; batch B uses LR·B/32 (default: {d['base_lr'].default})",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="digits: scikit-learn's 8x8 digits, no download; mnist1d: generated offline by the "
+        "mnist1d package; cifar10: the python pickle batches in --data-dir; mnist: the IDX files "
+        f"(optionally .gz) in --data-dir (default: {d['dataset'].default})",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="folder with the cifar10 batches (data_batch_1..5, test_batch) or the mnist IDX files "
+        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+        "t10k-labels-idx1-ubyte)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on a fixed random subset of N training samples (default: all)",
+    )
+    p.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate on a fixed random subset of N test samples (default: all)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"output folder for results.jsonl, report.md and the PNGs (default: {d['out'].default})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"parallel worker processes, one torch thread each (default: {d['workers'].default})",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help=f"torch device for training, e.g. cpu, cuda, cuda:1 (default: {d['device'].default})",
+    )
+    p.set_defaults(func=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from normlab.study.data import DataError
+    from normlab.study.runner import run_study, study_config
+
+    options = {
+        k: getattr(args, k)
+        for k in (
+            "methods",
+            "batch_sizes",
+            "epochs",
+            "seeds",
+            "base_lr",
+            "dataset",
+            "data_dir",
+            "train_size",
+            "test_size",
+            "out",
+            "workers",
+            "device",
+        )
+    }
+    try:
+        outcome = run_study(study_config(quick=args.quick, **options))
+    except (DataError, ValueError) as err:
+        print(f"normlab study: error: {err}", file=sys.stderr)
+        return 2
+    if outcome.interrupted:
+        return 130
+    if "report" in outcome.paths:
+        print(outcome.paths["report"].read_text())
+        print("written: " + ", ".join(str(p) for p in (outcome.results_path, *outcome.paths.values())))
+    if outcome.failures:
+        print(f"normlab study: {len(outcome.failures)} run(s) failed (see above); rerun to retry them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,7 +272,7 @@ def _map_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module], pa
 def _build(old: nn.Module, info: NormInfo, to, target: str | None, dim: int | None, kwargs: dict,
            path: str) -> nn.Module:
     where = path or type(old).__name__
-    dim = info.dim if dim is None else dim
+    dim = dim if info.dim is None else info.dim  # dim= is for layers whose class does not record it
     if target is not None and target not in _DIM_FREE and dim is None:
         raise ValueError(
             f"convert: {where} is a {type(old).__name__}, which does not record the spatial dims of its "

@@ -68,3 +68,10 @@ else:
     from normlab.kernels import triton_backend
 
     register_backend(triton_backend)
+
+try:  # ATen's fused CPU kernels for CPU tensors (see cpu_backend); other calls fall through to "torch"
+    from normlab.kernels import cpu_backend
+except ImportError:  # pragma: no cover - needs only torch
+    pass
+else:
+    register_backend(cpu_backend)

@@ -19,6 +19,10 @@ def supports(xv: Tensor, spec: NormSpec) -> bool:
     return True
 
 
+def supports_switch(xv: Tensor, spec: SwitchSpec) -> bool:
+    return True
+
+
 def _affine_reduce(t: Tensor, affine_shape: tuple[int, ...]) -> Tensor:
     """Sum ``t`` over every dim that the broadcast affine parameters do not have."""
     dims = tuple(d for d in range(t.dim()) if affine_shape[d] == 1 and t.shape[d] != 1)
@@ -123,21 +127,68 @@ def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, runn
     return _affine(xhat, weight, bias).to(xv.dtype), mean_in, var_in, batch_mean, batch_var
 
 
+def switch_mix(mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps):
+    """The mixed per-(n, c) statistics and what the backward needs to differentiate them:
+    (sources, w, w_var, mean, rstd) with w = softmax(λ), w_var = softmax(λ'), rstd = 1/sqrt(σ² + ε)."""
+    sources = switch_sources(mean_in, var_in, running_mean, running_var, spec, positions)
+    w = torch.softmax(mean_logits.to(mean_in.dtype), 0)
+    w_var = torch.softmax(var_logits.to(mean_in.dtype), 0)
+    mean = sum(w[k] * s[0] for k, s in enumerate(sources))
+    rstd = torch.rsqrt(sum(w_var[k] * s[1] for k, s in enumerate(sources)) + eps)
+    return sources, w, w_var, mean, rstd
+
+
+def switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec: SwitchSpec, positions: int):
+    """Per (n, c) cell, dx = g·r + coef·(x − μ_in) + shift   (see `switch_backward`):
+
+        coef  = Σ_k 2 s f_k w'_k pool_k(Gσ) / (P_k L)
+        shift = Σ_k [ w_k pool_k(Gμ) / (P_k L) + 2 f_k w'_k pool_k(Gσ) / (P_k L) · (μ_in − μ_k) ]
+
+    Running statistics (P_k = 0) are constants and add nothing. Returns (coef, shift), None where empty.
+    """
+    s = _in_var_scale(positions, spec)
+    coef = shift = None
+    for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources, strict=True)):
+        if pooled == 0:
+            continue
+        dims = _pool_dims(source, spec)
+        gm = grad_mean.sum(dims, keepdim=True) if dims else grad_mean
+        gv = grad_var.sum(dims, keepdim=True) if dims else grad_var
+        scale = 1.0 / (pooled * positions)
+        var_term = (2 * f * scale) * w_var[k] * gv
+        term = w[k] * gm * scale + var_term * (mean_in - mean_k)
+        coef = s * var_term if coef is None else coef + s * var_term
+        shift = term if shift is None else shift + term
+    return coef, shift
+
+
+def switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs):
+    """dλ = w ⊙ (a − Σ w a), a_k = Σ Gμ μ_k;  dλ' likewise with Gσ and σ²_k  (None where not needed)."""
+    need_dmean_logits, need_dvar_logits = needs
+    dmean_logits = dvar_logits = None
+    if need_dmean_logits:
+        a = torch.stack([(grad_mean * s[0]).sum() for s in sources])
+        dmean_logits = w * (a - (w * a).sum())
+    if need_dvar_logits:
+        a = torch.stack([(grad_var * s[1]).sum() for s in sources])
+        dvar_logits = w_var * (a - (w_var * a).sum())
+    return dmean_logits, dvar_logits
+
+
 def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
                     mean_in, var_in, spec, eps, needs):
     #   g = dy·γ, r = 1/sqrt(σ² + ε), per (n, c) cell:  Gμ = −r Σ_pos g,   Gσ = −½ r² Σ_pos g·x̂
     #   dx = g r + Σ_k [ w_k  pool_k(Gμ) / (P_k L)
     #                  + 2 f_k w'_k pool_k(Gσ) / (P_k L) · (s (x − μ_in) + μ_in − μ_k) ]
+    #      = g r + coef · (x − μ_in) + shift                      (`switch_input_terms`)
     #   dλ = w ⊙ (a − Σ w a),  a_k = Σ Gμ μ_k;   dλ' likewise with Gσ and σ²_k
     #   dγ = Σ dy·x̂,  dβ = Σ dy
-    need_dx, need_dweight, need_dbias, need_dmean_logits, need_dvar_logits = needs
+    need_dx, need_dweight, need_dbias = needs[:3]
     acc = stats_dtype(xv.dtype)
     positions = _positions(xv, spec)
-    sources = switch_sources(mean_in, var_in, running_mean, running_var, spec, positions)
-    w = torch.softmax(mean_logits.to(acc), 0)
-    w_var = torch.softmax(var_logits.to(acc), 0)
-    mean = sum(w[k] * s[0] for k, s in enumerate(sources))
-    rstd = torch.rsqrt(sum(w_var[k] * s[1] for k, s in enumerate(sources)) + eps)
+    sources, w, w_var, mean, rstd = switch_mix(
+        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
+    )
     xf = xv.to(acc)
     dyf = dy.to(acc)
     xhat = (xf - mean) * rstd
@@ -147,27 +198,16 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     grad_mean = -rstd * g.sum(cell, keepdim=True)
     grad_var = -0.5 * rstd.square() * (g * xhat).sum(cell, keepdim=True)
 
-    dx = dweight = dbias = dmean_logits = dvar_logits = None
+    dx = dweight = dbias = None
     if need_dx:
-        s = _in_var_scale(positions, spec)
         dx = g * rstd
-        for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources, strict=True)):
-            if pooled == 0:  # running statistics: constants
-                continue
-            dims = _pool_dims(source, spec)
-            gm = grad_mean.sum(dims, keepdim=True) if dims else grad_mean
-            gv = grad_var.sum(dims, keepdim=True) if dims else grad_var
-            scale = 1.0 / (pooled * positions)
-            dx = dx + w[k] * gm * scale + (2 * f * scale) * w_var[k] * gv * (s * (xf - mean_in) + mean_in - mean_k)
+        coef, shift = switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec, positions)
+        if coef is not None:
+            dx = dx + coef * (xf - mean_in) + shift
         dx = dx.to(xv.dtype)
     if need_dweight:
         dweight = _affine_reduce(dyf * xhat, spec.affine_shape)
     if need_dbias:
         dbias = _affine_reduce(dyf, spec.affine_shape)
-    if need_dmean_logits:
-        a = torch.stack([(grad_mean * s[0]).sum() for s in sources])
-        dmean_logits = w * (a - (w * a).sum())
-    if need_dvar_logits:
-        a = torch.stack([(grad_var * s[1]).sum() for s in sources])
-        dvar_logits = w_var * (a - (w_var * a).sum())
+    dmean_logits, dvar_logits = switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs[3:])
     return dx, dweight, dbias, dmean_logits, dvar_logits

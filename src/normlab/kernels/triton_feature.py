@@ -56,6 +56,8 @@ class Tuning:
     set_tile_backward: int = 4096  # the same for the backward (x and dy both held)
     row_tile: int = 16384  # LayerNorm rows up to this width stay in registers (forward and backward)
     programs_per_sm: int = 4  # a staged pass splits positions into chunks until the grid has this many
+    combine_block: int = 1024  # partials a combine program reduces per loop step
+    ln_programs_per_sm: int = 2  # the persistent LayerNorm backward (each program writes a dγ/dβ partial)
     num_sms: int | None = None  # None: read from the device (the CPU interpreter counts 4)
     path: str | None = None  # tests only: force "single", "looped" or "staged" for GN on NCHW
 
@@ -69,6 +71,12 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def spread_over_sms(items: int, device: torch.device) -> int:
+    """The most items (a power of 2) one program may take so the grid still has `programs_per_sm` per SM."""
+    per_program = items // (TUNING.programs_per_sm * num_sms(device))
+    return 1 << max(0, per_program.bit_length() - 1)
 
 
 def pow2(n: int) -> int:
@@ -472,7 +480,7 @@ def combine_moments(partials, sets: int, per_set: int, outer: int = 1, stride_ou
     """(mean, var, rstd), each (sets,) float32. Set k owns partial entries (a, k·per_set + b), a < outer."""
     cnt = partials[0]
     mean, var, rstd = torch.empty(3, sets, device=cnt.device, dtype=torch.float32)
-    block = min(pow2(outer * per_set), 1024)
+    block = min(pow2(outer * per_set), TUNING.combine_block)
     _combine_moments_kernel[(sets,)](
         *partials, mean, var, rstd, outer, per_set, stride_outer, eps, BLOCK=block, num_warps=warps(block, 4)
     )
@@ -506,7 +514,7 @@ def combine_grads(sums, weight, rstd, sets: int, cg: int, g_sets: int, count: in
     """dx coefficients (ca, cb), each (sets,) float32, from `grad_partials`' sums (see the kernel)."""
     chunks = sums.shape[-1]
     ca, cb = torch.empty(2, sets, device=sums.device, dtype=torch.float32)
-    block = min(pow2(outer * cg * chunks), 1024)
+    block = min(pow2(outer * cg * chunks), TUNING.combine_block)
     _combine_grads_kernel[(sets,)](
         sums[0], sums[1], _or(weight, rstd), rstd, ca, cb,
         outer, cg * chunks, chunks, stride_outer, cg, g_sets, 1.0 / count,

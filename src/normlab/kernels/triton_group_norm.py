@@ -221,10 +221,11 @@ def _path(sets: int, cg: int, positions: int, channels_last: bool, tile: int, de
     return "looped" if sets >= 2 * stages.num_sms(device) else "staged"
 
 
-def _set_launch(cg, positions, sets, path, tile):
+def _set_launch(cg, positions, sets, path, tile, device):
     single, block_k, block_cg, block_l = _set_blocks(cg, positions, tile)
     if path == "looped":  # forced by tests even when the set would fit a tile
         single, block_k = False, 1
+    block_k = min(block_k, stages.spread_over_sms(sets, device))
     grid = (triton.cdiv(sets, block_k),)
     return grid, dict(SINGLE=single, BLOCK_K=block_k, BLOCK_CG=block_cg, BLOCK_L=block_l,
                       num_warps=warps(block_k * block_cg * block_l, 16))
@@ -244,7 +245,7 @@ def forward(xv, weight, bias, view, eps: float, act: int):
         stages.apply(xv, y, mean, rstd, weight, bias, cells, groups, cg, act)
         return y, mean, var
     mean, var = torch.empty(2, sets, device=xv.device, dtype=torch.float32)
-    grid, meta = _set_launch(cg, positions, sets, path, TUNING.set_tile_forward)
+    grid, meta = _set_launch(cg, positions, sets, path, TUNING.set_tile_forward, xv.device)
     _gn_forward_kernel[grid](
         xv, y, _or(weight, mean), _or(bias, mean), mean, var, sets, groups, cg, positions, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act, **meta,
@@ -269,7 +270,7 @@ def backward(dy, xv, weight, bias, mean, rstd, view, needs, act: int):
     else:
         sums = torch.empty(2, n * channels, device=xv.device, dtype=torch.float32)
         dx = torch.empty_like(xv) if need_dx else sums
-        grid, meta = _set_launch(cg, positions, sets, path, TUNING.set_tile_backward)
+        grid, meta = _set_launch(cg, positions, sets, path, TUNING.set_tile_backward, xv.device)
         _gn_backward_kernel[grid](
             dy, xv, dx, _or(weight, mean), _or(bias, mean), mean, rstd, sums[0], sums[1],
             sets, groups, cg, positions,

@@ -3,7 +3,7 @@
 Every loader returns a `StudyData`: float32 inputs (N, C, *spatial), standardized per channel with the
 training set's mean and std, and int64 labels. Four sources:
 
-- ``digits``  scikit-learn's bundled 8x8 digits (1797 images, no download), a fixed stratified 75/25 split.
+- ``digits``  scikit-learn's bundled 8x8 digits (1797 images, no download), a fixed 75/25 split per class.
 - ``mnist1d`` MNIST-1D from the ``mnist1d`` package's offline generator (4000/1000 signals of length 40).
 - ``cifar10`` CIFAR-10's "python version" pickle batches in a local folder.
 - ``mnist``   MNIST's IDX files (optionally gzipped) in a local folder.
@@ -14,6 +14,7 @@ Files that are missing or malformed raise `DataError`, whose message names the f
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,16 +110,33 @@ def _to_study_data(name: str, x_train, y_train, x_test, y_test) -> StudyData:
 
 
 def _load_digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """The 1797 8x8 digits bundled with scikit-learn (values 0..16), split 75/25 per class, fixed seed."""
+    x, y = _read_bundled_digits()
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        test[members[: int(round(0.25 * len(members)))]] = True
+    x = x.reshape(-1, 1, 8, 8).astype(np.float32)
+    return x[~test], y[~test], x[test], y[test]
 
+
+def _read_bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    # Read scikit-learn's bundled file without importing scikit-learn (seconds of start-up per worker);
+    # fall back to its loader should the file have moved.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+            if path.is_file():
+                table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+                return table[:, :-1], table[:, -1].astype(np.int64)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise DataError("data set 'digits' needs scikit-learn: pip install scikit-learn") from err
     digits = load_digits()
-    x = digits.images[:, None].astype(np.float32)  # (1797, 1, 8, 8), values 0..16
-    return _split(*train_test_split(x, digits.target, test_size=0.25, stratify=digits.target, random_state=0))
-
-
-def _split(x_train, x_test, y_train, y_test):
-    return x_train, y_train, x_test, y_test
+    return digits.data.astype(np.float32), digits.target.astype(np.int64)
 
 
 def _load_mnist1d():
@@ -126,11 +144,12 @@ def _load_mnist1d():
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise DataError("data set 'mnist1d' needs the mnist1d package: pip install mnist1d") from err
-    state = np.random.get_state()  # the generator reseeds NumPy's global RNG; leave it as we found it
+    # The generator reseeds NumPy's global RNG (legacy API); leave it as we found it.
+    state = np.random.get_state()  # noqa: NPY002
     try:
         data = make_dataset(get_dataset_args())  # generated offline, seed 42: the same signals every time
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002
     return data["x"][:, None], data["y"], data["x_test"][:, None], data["y_test"]
 
 

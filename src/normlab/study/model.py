@@ -73,8 +73,8 @@ class StudyNet(nn.Module):
         convs = [conv_cls(c_in, c_out, 3, stride=stride, padding=1) for c_in, c_out, stride in plan]
         flat = plan[-1][1] * math.prod(final)
         hidden = [nn.Linear(flat if i == 0 else max_width, max_width) for i in range(head_layers)]
-        self.classifier = nn.Linear(max_width if head_layers else flat, num_classes)
-        _init_from_seed([*convs, *hidden, self.classifier], seed)
+        classifier = nn.Linear(max_width if head_layers else flat, num_classes)
+        _init_from_seed([*convs, *hidden, classifier], seed)
 
         weight_side = normlab.norm_kind(method) == "weight"
         trunk: list[nn.Module] = []
@@ -83,7 +83,7 @@ class StudyNet(nn.Module):
                 trunk.append(normlab.wrap_layer(method, conv))
             else:
                 trunk += [conv, normlab.create_norm(method, c_out, dim=dim, **gn_kwargs(method, c_out))]
-            trunk.append(nn.ReLU(inplace=True))
+            trunk.append(nn.ReLU())
         self.trunk = nn.Sequential(*trunk)
 
         self.head_norm = method
@@ -93,8 +93,9 @@ class StudyNet(nn.Module):
                 head.append(normlab.wrap_layer(method, linear))
             else:
                 head += [linear, self._vector_norm(method, max_width)]
-            head.append(nn.ReLU(inplace=True))
+            head.append(nn.ReLU())
         self.head = nn.Sequential(*head)
+        self.classifier = classifier
 
     def _vector_norm(self, method: str, channels: int) -> nn.Module:
         if canonical_name(method) == "in":  # statistics over positions: there are none in (N, C) vectors

@@ -1,0 +1,100 @@
+"""One runner for every case: forward, backward and forward+backward timed the same way.
+
+Each repetition times a ``clone`` of the same tensor right before the timed pass, so the yardstick sees the
+same machine state (these machines are shared and noisy); both are reported as medians of the repetitions,
+after warm-up repetitions that are not counted. The model of bytes moved — forward: x in, y out;
+backward: x and dy in, dx out — gives GB/s. Memory kept for backward is measured, not modelled: the
+distinct storages that autograd saves during one forward (`torch.autograd.graph.saved_tensors_hooks`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from normlab.bench.providers import Case
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+BYTES_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}  # tensors of x's size read or written per pass
+
+
+def saved_bytes(case: Case) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one forward of ``case``."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = case.forward()
+    del out
+    return sum(storages.values())
+
+
+def _reset(leaves: list[Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def _pass(case: Case, dy: Tensor, which: str) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(untimed setup, timed call) for one repetition of ``which``."""
+    state: dict[str, Tensor] = {}
+
+    def setup() -> None:
+        _reset(case.leaves)
+        if which == "bwd":
+            state["y"] = case.forward()
+
+    def timed() -> None:
+        if which == "fwd":
+            case.forward()
+        elif which == "bwd":
+            state.pop("y").backward(dy)
+        else:
+            case.forward().backward(dy)
+
+    return setup, timed
+
+
+def time_pass(case: Case, dy: Tensor, which: str, reps: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of ``which`` and of a clone of ``case.tensor``, interleaved repetition by repetition."""
+    setup, timed = _pass(case, dy, which)
+    op_times, clone_times = [], []
+    for rep in range(warmup + reps):
+        start = time.perf_counter()
+        case.tensor.clone()
+        clone_time = time.perf_counter() - start
+        setup()
+        start = time.perf_counter()
+        timed()
+        op_time = time.perf_counter() - start
+        if rep >= warmup:
+            clone_times.append(clone_time)
+            op_times.append(op_time)
+    _reset(case.leaves)
+    return statistics.median(op_times), statistics.median(clone_times)
+
+
+def measure(case: Case, reps: int = 15, warmup: int = 3, passes: tuple[str, ...] = PASSES) -> dict:
+    """Times, ratios to the clone, GB/s and saved-for-backward bytes of one case, as a JSON-ready dict."""
+    y = case.forward()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    del y
+    _reset(case.leaves)
+    nbytes = case.tensor.numel() * case.tensor.element_size()
+    row: dict = {"saved_bytes": saved_bytes(case), "tensor_bytes": nbytes}
+    for which in passes:
+        seconds, clone = time_pass(case, dy, which, reps, warmup)
+        row[which] = {
+            "ms": seconds * 1e3,
+            "clone_ms": clone * 1e3,
+            "x_clone": seconds / clone,
+            "gbps": BYTES_MOVED[which] * nbytes / seconds / 1e9,
+        }
+    return row

@@ -1,0 +1,93 @@
+"""The benchmark matrix: every method × shape × dtype × provider, measured by one harness."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable
+
+import torch
+
+from normlab.bench.harness import PASSES, measure
+from normlab.bench.providers import BASELINE, METHODS, providers, setup
+
+DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
+    (32, 64, 56, 56),  # ResNet stage 1 at batch 32
+    (8, 256, 28, 28),
+    (2, 512, 14, 14),
+    (1, 128, 128, 128),  # diffusion UNet block (GN with 32 groups)
+    (4096, 1024),  # transformer rows: LN (and WN on a Linear)
+    (2, 32, 8, 8),  # the study's batch: per-call overhead
+)
+DEFAULT_DTYPES = ("float32", "bfloat16")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'32x64x56x56' -> (32, 64, 56, 56)."""
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"a shape is 2 or more positive sizes joined by 'x', e.g. 32x64x56x56; got {text!r}")
+    return shape
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def run(
+    methods: Iterable[str] = METHODS,
+    shapes: Iterable[tuple[int, ...]] = DEFAULT_SHAPES,
+    dtypes: Iterable[str] = DEFAULT_DTYPES,
+    reps: int = 15,
+    warmup: int = 3,
+    passes: tuple[str, ...] = PASSES,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the matrix; returns {"machine", "settings", "results": [one dict per case]}.
+
+    Each result: method, provider, baseline (the provider it is compared with), shape, dtype, saved_bytes,
+    tensor_bytes and, per pass, ms / clone_ms / x_clone / gbps — plus x_baseline (time ÷ the baseline's
+    time, filled in once both are measured). ``progress`` is called with each result as it is measured.
+    """
+    methods, shapes, dtypes = list(methods), [tuple(s) for s in shapes], list(dtypes)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+    for dtype in dtypes:
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; expected a torch dtype name such as float32 or bfloat16")
+    results = []
+    for dtype in dtypes:
+        for shape in shapes:
+            for method in methods:
+                group = []
+                for provider in providers(method):
+                    case = setup(method, provider, shape, getattr(torch, dtype))
+                    if case is None:
+                        continue
+                    row = {"method": method, "provider": provider, "baseline": BASELINE[method],
+                           "shape": list(shape), "dtype": dtype}
+                    row.update(measure(case, reps, warmup, passes))
+                    group.append(row)
+                    if progress is not None:
+                        progress(row)
+                _compare(group, passes)
+                results.extend(group)
+    settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes)}
+    return {"machine": machine(), "settings": settings, "results": results}
+
+
+def _compare(group: list[dict], passes: tuple[str, ...]) -> None:
+    base = next((r for r in group if r["provider"] == r["baseline"]), None)
+    for row in group:
+        for which in passes:
+            row[which]["x_baseline"] = row[which]["ms"] / base[which]["ms"] if base else None

@@ -1,0 +1,309 @@
+"""The CPU backend: every method composed from ATen's fused CPU kernels, about one memory pass each way.
+
+Normalization is memory-bound, so the cost of a method is the number of full passes over the tensor. On the
+CPU, torch's group-norm and layer-norm kernels run at about the speed of a copy, while its batch norm in
+training (and instance norm, which torch computes as a batch norm) takes several times longer. This backend
+routes each method to the kernels that are fast and numerically stable:
+
+    method (layout)              forward                                     backward
+    GN, LN = GN(1), IN = GN(C)   native_group_norm                           native_group_norm_backward
+      (contiguous)
+    LN over trailing dims        native_layer_norm                           native_layer_norm_backward
+    BN (contiguous)              native_group_norm with G = C: per-(n, c)    native_batch_norm_backward
+                                 moments → per-channel moments (Chan), and
+                                 its output rebased in place to BN's
+    BN (channels_last)           `moments` + one batch_norm (eval) pass      native_batch_norm_backward
+    SN (contiguous)              as BN: per-(n, c) moments → mixed, output   one pass for per-cell Σdy and
+                                 rebased in place                            Σdy·x̂, one for dx
+
+Numerics. ATen's group- and layer-norm backward sums dy·x and subtracts μ·Σdy, and our SN backward forms
+dx = A·dy + B·x + D: both cancel under a large common offset. A backward whose statistics show
+|μ|/σ > `OFFSET_LIMIT` runs the portable torch backend instead, which centres x first. Forward statistics
+are always stable (ATen's row-wise Welford on contiguous data; `moments` for channels_last BN). Other
+layouts (channels_last GN/IN/LN, whose ATen kernels use the cancelling E[x²] − E[x]²), other devices and
+dtypes, and torch.compile tracing are not supported here: "auto" falls back to the torch backend.
+
+Statistics are float32 (float64 for float64 inputs) whatever the input dtype: parameters, means and 1/σ are
+passed to ATen in that dtype, which selects its mixed-precision kernels for bfloat16/float16 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab._stats import moments, pool_moments, stats_dtype
+from normlab.kernels import torch_backend
+from normlab.kernels.contract import NormSpec, SwitchSpec
+
+name = "cpu"
+
+OFFSET_LIMIT = 32.0  # max |μ|·rstd for the cancelling backward formulas (float32 gradients within ~1e-5)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_STATS_EPS = 1e-12  # eps for the internal per-(n, c) moments when the caller's eps is 0 (keeps rstd finite)
+
+_group_norm = torch.native_group_norm
+_group_norm_backward = torch.ops.aten.native_group_norm_backward
+_layer_norm = torch.native_layer_norm
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward
+_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
+
+
+# ---------------------------------------------------------------- what runs here
+
+def _usable(xv: Tensor) -> bool:
+    return (
+        xv.device.type == "cpu"
+        and xv.dtype in _DTYPES
+        and xv.numel() > 0
+        and xv.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _kind(spec: NormSpec) -> str | None:
+    """'rows' (LN over trailing dims), 'group' (GN/LN/IN), 'batch' or 'batch_cl' (BN); None: not here."""
+    view = spec.view
+    if view is None:
+        return "rows" if spec.dims == (1,) else None
+    if spec.dims == view.group_dims:
+        return None if view.channels_last else "group"
+    if spec.dims == view.batch_dims:
+        return "batch_cl" if view.channels_last else "batch"
+    return None
+
+
+def supports(xv: Tensor, spec: NormSpec) -> bool:
+    return _usable(xv) and _kind(spec) is not None
+
+
+def supports_switch(xv: Tensor, spec: SwitchSpec) -> bool:
+    return _usable(xv) and not spec.view.channels_last
+
+
+# ---------------------------------------------------------------- helpers
+
+def _param(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
+    """An affine parameter (in its broadcast shape) as the 1-d, statistics-dtype tensor ATen expects."""
+    return None if p is None else p.reshape(-1).to(acc)
+
+
+def _stats_weight(w: Tensor | None, x: Tensor, size: int) -> Tensor | None:
+    """ATen computes statistics in float32 for a low-precision input only with a float32 weight: ones."""
+    if w is None and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.ones(size, dtype=torch.float32)
+    return w
+
+
+def _var(rstd: Tensor, eps: float) -> Tensor:
+    """σ² from ATen's rstd = 1/sqrt(σ² + ε)."""
+    return rstd.pow(-2).sub_(eps).clamp_min_(0.0)
+
+
+def _offset(mean: Tensor, rstd: Tensor) -> float:
+    """max |μ|/σ over the statistics sets: how much a cancelling formula would lose."""
+    return float((mean.abs() * rstd).amax())
+
+
+def _cell_moments(x3: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, float]:
+    """One pass of ATen's group norm with G = C over (N, C, L): (y_in, μ, σ², ε_in) per (n, c) cell, where
+    y_in = (x − μ)/sqrt(σ² + ε_in) is the cell-normalized input, for rebasing in place."""
+    n, channels, positions = x3.shape
+    eps_in = eps if eps > 0 else _STATS_EPS
+    weight = _stats_weight(None, x3, channels)
+    y_in, mean, rstd = _group_norm(x3, weight, None, n, channels, positions, channels, eps_in)
+    return y_in, mean, _var(rstd, eps_in), eps_in
+
+
+def _rebase_(y_in: Tensor, rstd_in: Tensor, mean_in: Tensor, mean: Tensor, rstd: Tensor, weight, bias) -> Tensor:
+    """In place: y_in = (x − μ_in)·r_in  →  y = γ (x − μ)·r + β = y_in·a + b   per (n, c) cell, with
+    a = γ r / r_in and b = γ (μ_in − μ) r + β. y_in is centred, so this is exact to rounding."""
+    scale = rstd if weight is None else rstd * weight
+    shift = (mean_in - mean) * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift, y_in, scale / rstd_in, out=y_in)
+
+
+# ---------------------------------------------------------------- BN, LN, IN, GN
+
+def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):
+    acc = stats_dtype(xv.dtype)
+    w, b = _param(weight, acc), _param(bias, acc)
+    yv, mean, var, rstd = _FORWARD[_kind(spec)](xv, spec, w, b, eps)
+    if _offset(mean, rstd) > OFFSET_LIMIT:  # a large offset: ATen's mean is off by ulps of μ, times rstd
+        return torch_backend.forward(xv, weight, bias, spec, eps)
+    return yv, mean, var
+
+
+def _rows_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
+    rows, width = xv.shape
+    y, mean, rstd = _layer_norm(xv, (width,), _stats_weight(w, xv, width), b, eps)
+    return y, mean, _var(rstd, eps), rstd
+
+
+def _group_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
+    n, groups, per_group, positions = xv.shape
+    channels = groups * per_group
+    x3 = xv.view(n, channels, positions)
+    y, mean, rstd = _group_norm(x3, _stats_weight(w, xv, channels), b, n, channels, positions, groups, eps)
+    shape = (n, groups, 1, 1)
+    return y.view(xv.shape), mean.view(shape), _var(rstd, eps).view(shape), rstd
+
+
+def _batch_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
+    # per-(n, c) moments in one pass, pooled over n:  μ = mean_n μ_nc,  σ² = mean_n (σ²_nc + (μ_nc − μ)²)
+    n, channels, _, positions = xv.shape
+    x3 = xv.view(n, channels, positions)
+    y, mean_nc, var_nc, eps_in = _cell_moments(x3, eps)
+    mean, var = pool_moments(mean_nc, var_nc, (0,))  # (1, C)
+    rstd = torch.rsqrt(var + eps)
+    if xv.dtype == mean.dtype:
+        wv = None if w is None else w.view(1, channels, 1)
+        bv = None if b is None else b.view(1, channels, 1)
+        y = _rebase_(y, torch.rsqrt(var_nc + eps_in).unsqueeze(-1), mean_nc.unsqueeze(-1), mean.unsqueeze(-1),
+                     rstd.unsqueeze(-1), wv, bv)
+    else:  # low precision: one pass from x, one rounding (rebasing would round y twice)
+        y = torch.batch_norm(x3, w, b, mean.view(channels), var.view(channels), False, 0.0, eps, False)
+    shape = (1, channels, 1, 1)
+    return y.view(xv.shape), mean.view(shape), var.view(shape), rstd
+
+
+def _as_channels_last(t: Tensor) -> Tensor:
+    """(N, L, C, 1) view of channels_last memory → the (N, C, L, 1) channels_last tensor ATen expects."""
+    return t.permute(0, 2, 1, 3)
+
+
+def _batch_forward_cl(xv: Tensor, spec: NormSpec, w, b, eps: float):
+    channels = xv.shape[2]
+    mean, var = moments(xv, spec.dims)  # (1, 1, C, 1), corrected two-pass
+    y4 = torch.batch_norm(_as_channels_last(xv), w, b, mean.view(channels), var.view(channels), False, 0.0, eps,
+                          False)
+    return y4.permute(0, 2, 1, 3).reshape(xv.shape), mean, var, torch.rsqrt(var + eps)
+
+
+_FORWARD = {"rows": _rows_forward, "group": _group_forward, "batch": _batch_forward, "batch_cl": _batch_forward_cl}
+
+
+def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs):
+    kind = _kind(spec)
+    need_dx, need_dweight, need_dbias = needs
+    acc = stats_dtype(xv.dtype)
+    w = _param(weight, acc)
+    dy = dy.contiguous()
+    if kind in ("rows", "group") and _offset(mean, rstd) > OFFSET_LIMIT:
+        return torch_backend.backward(dy, xv, weight, mean, rstd, spec, needs)
+    if kind == "rows":
+        rows, width = xv.shape
+        beta = torch.empty(width, dtype=acc) if need_dbias else None  # only its presence matters
+        dx, dw, db = _layer_norm_backward(dy, xv, (width,), mean, rstd, _stats_weight(w, xv, width), beta,
+                                          [need_dx, need_dweight, need_dbias])
+    elif kind == "group":
+        n, groups, per_group, positions = xv.shape
+        channels = groups * per_group
+        dx, dw, db = _group_norm_backward(
+            dy.view(n, channels, positions), xv.view(n, channels, positions), mean.view(n, groups),
+            rstd.view(n, groups), _stats_weight(w, xv, channels), n, channels, positions, groups,
+            [need_dx, need_dweight, need_dbias],
+        )
+    else:
+        channels = mean.numel()
+        if kind == "batch":
+            x_, dy_ = xv.flatten(2), dy.flatten(2)  # (N, C, L)
+        else:
+            x_, dy_ = _as_channels_last(xv), _as_channels_last(dy)
+        dx, dw, db = _batch_norm_backward(
+            dy_, x_, w, None, None, mean.view(channels), rstd.view(channels), True, 0.0,
+            [need_dx, need_dweight, need_dbias],
+        )
+        if dx is not None and kind == "batch_cl":
+            dx = dx.permute(0, 2, 1, 3)
+    shape = spec.affine_shape
+    return (
+        None if dx is None else dx.reshape(xv.shape),
+        None if dw is None else dw.view(shape),
+        None if db is None else db.view(shape),
+    )
+
+
+# ---------------------------------------------------------------- Switchable Norm
+
+def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
+    #   per-(n, c) moments in one pass (y_in = cell-normalized x), then as the torch backend:
+    #   μ = Σ_k softmax(λ)_k μ_k,  σ² = Σ_k softmax(λ')_k σ²_k;  y = γ (x − μ)/sqrt(σ² + ε) + β, rebased from y_in
+    n, channels, _, positions = xv.shape
+    y, mean_nc, var_nc, eps_in = _cell_moments(xv.view(n, channels, positions), eps)
+    mean_in, var_in = mean_nc.view(n, channels, 1, 1), var_nc.view(n, channels, 1, 1)
+    sources, _, _, mean, rstd = torch_backend.switch_mix(
+        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
+    )
+    if _offset(mean, rstd) > OFFSET_LIMIT:  # see `forward`
+        return torch_backend.switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var,
+                                            spec, eps)
+    mean, rstd = mean.expand(n, channels, 1, 1), rstd.expand(n, channels, 1, 1)  # mixes may broadcast
+    acc = mean_in.dtype
+    w, b = _param(weight, acc), _param(bias, acc)
+    if xv.dtype == acc:
+        y = _rebase_(
+            y.view(xv.shape), torch.rsqrt(var_in + eps_in), mean_in, mean, rstd,
+            None if w is None else w.view(1, channels, 1, 1), None if b is None else b.view(1, channels, 1, 1),
+        )
+    else:  # low precision: normalize x directly (one rounding), each (n, c) cell a "channel" of batch_norm
+        cells = n * channels
+        cell_var = (rstd.pow(-2) - eps).reshape(cells)  # so that batch_norm's 1/sqrt(var + ε) is r
+        y = torch.batch_norm(
+            xv.view(1, cells, positions), None if w is None else w.repeat(n), None if b is None else b.repeat(n),
+            mean.reshape(cells), cell_var, False, 0.0, eps, False,
+        )
+    batch_mean = batch_var = None
+    if "bn" in spec.sources and not spec.running_bn:
+        batch_mean, batch_var = sources[spec.sources.index("bn")][:2]
+    return y.view(xv.shape), mean_in, var_in, batch_mean, batch_var
+
+
+def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
+                    mean_in, var_in, spec, eps, needs):
+    #   per (n, c) cell, with g = dy·γ and x̂ = (x − μ)·r (mixed statistics):
+    #       S1 = Σ_pos dy,  S2 = Σ_pos dy·x̂            one pass (ATen's batch-norm backward reductions)
+    #       Gμ = −r γ S1,   Gσ = −½ r² γ S2
+    #       dx = γ r · dy + coef·(x − μ_in) + shift   one pass (coef, shift: torch_backend.switch_input_terms)
+    #   dγ = Σ_n S2,  dβ = Σ_n S1
+    if _offset(mean_in, torch.rsqrt(var_in + eps)) > OFFSET_LIMIT:
+        return torch_backend.switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
+                                             mean_in, var_in, spec, eps, needs)
+    need_dx, need_dweight, need_dbias = needs[:3]
+    n, channels, _, positions = xv.shape
+    cells = n * channels
+    acc = mean_in.dtype
+    sources, w, w_var, mean, rstd = torch_backend.switch_mix(
+        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
+    )
+    mean, rstd = mean.expand(n, channels, 1, 1), rstd.expand(n, channels, 1, 1)  # mixes may broadcast
+    x3, dy3 = xv.view(1, cells, positions), dy.contiguous().view(1, cells, positions)
+    _, s2, s1 = _batch_norm_backward(
+        dy3, x3, torch.ones(cells, dtype=acc), None, None, mean.reshape(cells), rstd.reshape(cells), True, 0.0,
+        [False, True, True],
+    )
+    s1, s2 = s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1)
+    gamma = None if weight is None else weight.to(acc)
+    gs1, gs2 = (s1, s2) if gamma is None else (s1 * gamma, s2 * gamma)
+    grad_mean = -rstd * gs1
+    grad_var = -0.5 * rstd.square() * gs2
+
+    dx = dweight = dbias = None
+    if need_dx:
+        scale = rstd if gamma is None else rstd * gamma
+        coef, shift = torch_backend.switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec,
+                                                       positions)
+        dy_ = dy3.view(xv.shape)
+        if coef is None:
+            dx = dy_ * scale
+        else:  # dx = coef·x + (shift − coef·μ_in) + scale·dy   (coefficients broadcast per (n, c) cell)
+            dx = torch.addcmul(shift - coef * mean_in, xv, coef).addcmul_(dy_, scale)
+        dx = dx.to(xv.dtype)
+    if need_dweight:
+        dweight = s2.sum(0, keepdim=True).view(spec.affine_shape)
+    if need_dbias:
+        dbias = s1.sum(0, keepdim=True).view(spec.affine_shape)
+    dmean_logits, dvar_logits = torch_backend.switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs[3:])
+    return dx, dweight, dbias, dmean_logits, dvar_logits
