@@ -10,8 +10,15 @@ Tolerances (``rtol`` and ``atol`` both, as torch.testing.assert_close applies th
   outputs of magnitude up to ~4.
 """
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter; it must be switched on
+# before anything imports Triton (its standard library, e.g. tl.sum, is decorated at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOL = {
     torch.float32: {"rtol": 1e-4, "atol": 1e-4},

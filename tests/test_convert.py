@@ -166,6 +166,21 @@ def test_convert_root_factories_and_bad_arguments():
         convert(mixed_model(), "gn", groups=3)
 
 
+def test_mean_only_bn_converts_both_ways():
+    if "mobn" not in normlab.list_norms():
+        pytest.skip("mean-only BN is not registered")
+    bn = randomize(nn.Sequential(nn.BatchNorm2d(4, momentum=0.2)))
+    mobn = convert(copy.deepcopy(bn), "mobn")[0]
+    assert describe(mobn).kind == "mobn" and mobn.momentum == 0.2
+    torch.testing.assert_close(mobn.bias.detach(), bn[0].bias.detach(), rtol=0, atol=0)  # β: the same shift
+    torch.testing.assert_close(mobn.running_mean, bn[0].running_mean, rtol=0, atol=0)
+    back = convert(nn.Sequential(mobn), "bn")[0]
+    assert type(back) is normlab.BatchNorm2d
+    torch.testing.assert_close(back.weight.detach(), torch.ones(4), rtol=0, atol=0)  # mean-only BN has no γ
+    torch.testing.assert_close(back.bias.detach(), bn[0].bias.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(back.running_mean, bn[0].running_mean, rtol=0, atol=0)
+
+
 def test_bias_free_affine_carries():
     model = convert(nn.Sequential(nn.BatchNorm2d(4, bias=False)), "gn", groups=2)
     assert model[0].weight is not None and model[0].bias is None

@@ -178,6 +178,19 @@ def test_train_eval_switch(case):
 
 
 @pytest.mark.parametrize("case", MODULE_CASES, ids=IDS)
+def test_inplace_activation_after_the_layer(case):
+    """conv → norm → ReLU(inplace=True) is the most common pattern: the output must accept in-place changes
+    (autograd forbids them on views made inside a custom Function) and keep the same gradients."""
+    module = randomize(case.make(), seed=5)
+    grads = []
+    for relu in (nn.ReLU(inplace=True), nn.ReLU()):
+        x = batch(case, seed=6)
+        relu(module(x)).square().sum().backward()
+        grads.append(x.grad)
+    assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("case", MODULE_CASES, ids=IDS)
 def test_dtype_argument(case):
     m64 = randomize(case.make(dtype=torch.float64), seed=1)
     m32 = case.make()

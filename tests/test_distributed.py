@@ -8,6 +8,7 @@ float32 — and that each pass made exactly one collective. Processes talk over 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -67,6 +68,9 @@ CASES = {
 }
 
 
+COMPILED = ["bn_momentum_none", "sn2d_rank0_empty"]  # compiling costs seconds per case
+
+
 def spatial_dims(case: Case) -> int:
     return len(case.shape) - 2
 
@@ -109,24 +113,27 @@ def shard(t: torch.Tensor, case: Case, rank: int) -> torch.Tensor:
 
 
 def run_layer(layer: torch.nn.Module, x1, dy1, x2, x3) -> dict:
-    """Train step with backward, a second train step, an eval step: everything the tests compare."""
+    """Train step with backward, a second train step, an eval step: everything the tests compare.
+    ``layer`` may be compiled (torch.compile's wrapper around the module)."""
+    module = getattr(layer, "_orig_mod", layer)
+    counting = count_collectives if module is layer else contextlib.nullcontext  # compiled: traced once
     layer.train()
     x1 = x1.clone().requires_grad_()
-    with count_collectives() as forward:
+    with counting() as forward:
         y1 = layer(x1)
-    with count_collectives() as backward:
+    with counting() as backward:
         y1.backward(dy1)
     layer(x2)
     layer.eval()
-    with count_collectives() as evaluation, torch.no_grad():
-        y3 = layer(x3)
-    params = dict(layer.named_parameters())
+    with counting() as evaluation, torch.no_grad():
+        y3 = layer(x3) if module is layer else None  # eval is the local path, compiled in test_compile
+    params = dict(module.named_parameters())
     return {
         "y": y1.detach(),
         "dx": x1.grad,
         "y_eval": y3,
         "grads": {name: params[name].grad.clone() for name in PARAMS if name in params},
-        "buffers": {name: b.clone() for name, b in layer.named_buffers()},
+        "buffers": {name: b.clone() for name, b in module.named_buffers()},
         "collectives": {"forward": forward, "backward": backward, "eval": evaluation},
         "layout": (is_channels_last(x1), is_channels_last(y1)),
     }
@@ -166,12 +173,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results = {"cases": {}, "errors": {}, "solo": {}}
+        results = {"cases": {}, "compiled": {}, "errors": {}, "solo": {}}
         for name, case in CASES.items():
             sync, _ = make_layers(case)
             data = batches(case)
             x1, dy1, x2, x3 = (shard(t, case, rank) for t in data)
             results["cases"][name] = run_layer(sync, x1, dy1, x2, x3)
+
+        # torch.compile(fullgraph=True) traces the collectives and the custom Functions whole.
+        for name in COMPILED:
+            case = CASES[name]
+            sync, _ = make_layers(case)
+            torch._dynamo.reset()  # a fresh cache per case: the recompile limit counts per code object
+            compiled = torch.compile(sync, fullgraph=True, backend="aot_eager")
+            x1, dy1, x2, x3 = (shard(t, case, rank) for t in batches(case))
+            results["compiled"][name] = run_layer(compiled, x1, dy1, x2, x3)
 
         # Fallback: a group of one process computes exactly what the local layer computes, with no collective.
         solos = [dist.new_group([r]) for r in range(world)]
@@ -237,6 +253,18 @@ def test_sharded_equals_full_batch(results, name):
     for key, want in full["grads"].items():  # parameter gradients: each rank's share, summed
         total = sum(got["grads"][key] for got in per_rank)
         torch.testing.assert_close(total, want, **tol, msg=f"d{key}")
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_equals_eager(results, name):
+    for rank, r in enumerate(results):
+        got, want = r["compiled"][name], r["cases"][name]
+        for key in ("y", "dx"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=f"{key} on rank {rank}")
+        for group in ("grads", "buffers"):
+            assert got[group].keys() == want[group].keys()
+            for key in want[group]:
+                torch.testing.assert_close(got[group][key], want[group][key], rtol=1e-5, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -312,7 +340,7 @@ def test_study_under_torchrun(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "normlab.study.distributed", *common, "--batch-size", "4", "--json", str(out),
+        "-m", "normlab.cli", "study", "--distributed", *common, "--batch-size", "4", "--json", str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)

@@ -4,7 +4,16 @@ Feature normalizations (BN, LN, IN, GN, SN) share one statistics routine and one
 weight-side ones (WN, cosine) reparametrize a layer's weights. `create_norm` builds any of them by name.
 """
 
-from normlab import functional, reference
+from normlab import distributed, functional, reference
+from normlab.convert import (
+    convert,
+    convert_sync_batchnorm,
+    fold_bn,
+    freeze_bn,
+    revert_sync_batchnorm,
+    unfreeze_bn,
+)
+from normlab.distributed import SyncBatchNorm, SyncSwitchNorm
 from normlab.nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -51,13 +60,22 @@ __all__ = [
     "SwitchNorm1d",
     "SwitchNorm2d",
     "SwitchNorm3d",
+    "SyncBatchNorm",
+    "SyncSwitchNorm",
+    "convert",
+    "convert_sync_batchnorm",
     "create_norm",
+    "distributed",
+    "fold_bn",
+    "freeze_bn",
     "functional",
     "list_norms",
     "norm_kind",
     "reference",
     "register_norm",
     "remove_weight_norm",
+    "revert_sync_batchnorm",
+    "unfreeze_bn",
     "weight_norm",
     "weight_norm_init_",
     "wrap_layer",

@@ -10,6 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normlab", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_study_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 
@@ -30,7 +31,7 @@ def _add_study_parser(subparsers) -> None:
     from normlab.study.data import DATASETS
     from normlab.study.runner import DEFAULT_BATCH_SIZES, METHOD_ORDER, QUICK, StudyConfig
 
-    d = StudyConfig.__dataclass_fields__
+    d = StudyConfig()  # the defaults, for the help texts
     q = ", ".join(
         f"{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in QUICK.items()
     )
@@ -69,14 +70,14 @@ def _add_study_parser(subparsers) -> None:
         type=int,
         default=None,
         metavar="N",
-        help=f"epochs per run, the same at every batch size (default: {d['epochs'].default})",
+        help=f"epochs per run, the same at every batch size (default: {d.epochs})",
     )
     p.add_argument(
         "--seeds",
         type=int,
         default=None,
         metavar="N",
-        help=f"number of seeds per (method, batch size): seeds 0..N-1 (default: {d['seeds'].default})",
+        help=f"number of seeds per (method, batch size): seeds 0..N-1 (default: {d.seeds})",
     )
     p.add_argument(
         "--lr",
@@ -84,7 +85,7 @@ def _add_study_parser(subparsers) -> None:
         type=float,
         default=None,
         metavar="LR",
-        help=f"learning rate at batch 32; batch B uses LR·B/32 (default: {d['base_lr'].default})",
+        help=f"learning rate at batch 32; batch B uses LR·B/32 (default: {d.base_lr})",
     )
     p.add_argument(
         "--dataset",
@@ -92,7 +93,7 @@ def _add_study_parser(subparsers) -> None:
         default=None,
         help="digits: scikit-learn's 8x8 digits, no download; mnist1d: generated offline by the "
         "mnist1d package; cifar10: the python pickle batches in --data-dir; mnist: the IDX files "
-        f"(optionally .gz) in --data-dir (default: {d['dataset'].default})",
+        f"(optionally .gz) in --data-dir (default: {d.dataset})",
     )
     p.add_argument(
         "--data-dir",
@@ -120,25 +121,39 @@ def _add_study_parser(subparsers) -> None:
         "--out",
         default=None,
         metavar="DIR",
-        help=f"output folder for results.jsonl, report.md and the PNGs (default: {d['out'].default})",
+        help=f"output folder for results.jsonl, report.md and the PNGs (default: {d.out})",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=None,
         metavar="N",
-        help=f"parallel worker processes, one torch thread each (default: {d['workers'].default})",
+        help=f"parallel worker processes, one torch thread each (default: {d.workers})",
     )
     p.add_argument(
         "--device",
         default=None,
         metavar="DEV",
-        help=f"torch device for training, e.g. cpu, cuda, cuda:1 (default: {d['device'].default})",
+        help=f"torch device for training, e.g. cpu, cuda, cuda:1 (default: {d.device})",
+    )
+    p.add_argument(
+        "--distributed",
+        nargs=argparse.REMAINDER,
+        default=None,
+        metavar="...",
+        help="the study across processes, under torchrun: each rank trains on its shard at a fixed per-rank "
+        "batch, comparing per-rank BN, synchronized BN, GN and SN. Everything after --distributed goes to it "
+        "(see `normlab study --distributed --help`), e.g. torchrun --nproc_per_node 2 -m normlab.cli study "
+        "--distributed --batch-size 4",
     )
     p.set_defaults(func=_run_study)
 
 
 def _run_study(args: argparse.Namespace) -> int:
+    if args.distributed is not None:
+        from normlab.study import distributed
+
+        return distributed.main(args.distributed)
     from normlab.study.data import DataError
     from normlab.study.runner import run_study, study_config
 
@@ -172,6 +187,61 @@ def _run_study(args: argparse.Namespace) -> int:
     if outcome.failures:
         print(f"normlab study: {len(outcome.failures)} run(s) failed (see above); rerun to retry them", file=sys.stderr)
         return 1
+    return 0
+
+
+# --- normlab bench ------------------------------------------------------------------------------------------
+
+
+def _add_bench_parser(subparsers) -> None:
+    from normlab.bench import DEFAULT_DTYPES, DEFAULT_SHAPES, METHODS, parse_shape
+
+    shapes = ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES)
+    p = subparsers.add_parser(
+        "bench",
+        help="time each method's forward and backward against torch's own, with a clone as the yardstick",
+        description=(
+            "Times forward, backward and forward+backward of each method in training mode (median of --reps "
+            "after --warmup), normlab against torch.nn's layer (SN: the authors' plain-PyTorch composite; WN: "
+            "torch's weight_norm), with a clone of the same tensor timed in the same loop as the yardstick. "
+            "Reports ms, time ÷ clone, speedup over the baseline, GB/s (forward: x in + y out; backward: x + "
+            "dy in + dx out) and the memory each layer keeps for backward."
+        ),
+    )
+    p.add_argument("--methods", type=_comma_list(str), default=list(METHODS), metavar="LIST",
+                   help=f"comma-separated methods (default: {','.join(METHODS)})")
+    p.add_argument("--shapes", type=_comma_list(parse_shape), default=list(DEFAULT_SHAPES), metavar="LIST",
+                   help=f"comma-separated shapes like 32x64x56x56 (default: {shapes})")
+    p.add_argument("--dtypes", type=_comma_list(str), default=list(DEFAULT_DTYPES), metavar="LIST",
+                   help=f"comma-separated dtypes (default: {','.join(DEFAULT_DTYPES)})")
+    p.add_argument("--reps", type=int, default=15, metavar="N", help="timed repetitions per pass (default: 15)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed repetitions first (default: 3)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    out.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from normlab import bench
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    def progress(row: dict) -> None:
+        if not (args.json or args.markdown):
+            shape = "x".join(map(str, row["shape"]))
+            print(f"  {row['method']} {shape} {row['dtype']} {row['provider']}", file=sys.stderr, flush=True)
+
+    try:
+        report = bench.run(args.methods, args.shapes, args.dtypes, args.reps, args.warmup, progress=progress)
+    except ValueError as err:
+        print(f"normlab bench: error: {err}", file=sys.stderr)
+        return 2
+    print(bench.to_json(report) if args.json else bench.markdown(report) if args.markdown else bench.table(report))
     return 0
 
 

@@ -38,6 +38,11 @@ from normlab.nn import instance_norm as _nl_in
 from normlab.nn import switch_norm as _nl_sn
 from normlab.registry import canonical_name, create_norm
 
+try:  # mean-only BN (Weight Normalization's companion) is optional here
+    from normlab.nn.mean_only_batch_norm import _MeanOnlyBatchNorm
+except ImportError:  # pragma: no cover
+    _MeanOnlyBatchNorm = ()
+
 __all__ = [
     "FrozenBatchNorm",
     "convert",
@@ -49,11 +54,11 @@ __all__ = [
 ]
 
 # Layer kinds (`NormInfo.kind`); SOURCE_KINDS is what ``convert(..., only=...)`` accepts.
-SOURCE_KINDS = ("bn", "sync_bn", "frozen_bn", "in", "gn", "sn", "sync_sn")
+SOURCE_KINDS = ("bn", "sync_bn", "frozen_bn", "mobn", "in", "gn", "sn", "sync_sn")
 _SYNC_NAMES = {"sync_bn": "sync_bn", "syncbn": "sync_bn", "sync_batch_norm": "sync_bn",
                "sync_sn": "sync_sn", "syncsn": "sync_sn", "sync_switch_norm": "sync_sn"}
 _DIM_FREE = ("gn", "ln", "none", "sync_bn")  # targets that do not depend on the input's spatial dims
-_BN_LIKE = ("bn", "sync_bn", "frozen_bn", "sn", "sync_sn")  # layers with BN's running statistics
+_BN_LIKE = ("bn", "sync_bn", "frozen_bn", "mobn", "sn", "sync_sn")  # with BN's running statistics
 _ORIGIN = "_normlab_origin"  # attribute of a synchronized or frozen layer: the `Origin` of what it replaced
 _TWINS = ({"bn", "sync_bn", "frozen_bn"}, {"sn", "sync_sn"})  # same state_dict, same meaning
 
@@ -165,8 +170,8 @@ def describe(module: nn.Module) -> NormInfo | None:
         kind=kind,
         num_channels=int(channels),
         dim=_dim_of(module),
-        eps=float(module.eps),
-        affine=weight is not None,
+        eps=float(getattr(module, "eps", 1e-5)),  # mean-only BN has none
+        affine=weight is not None or bias is not None,
         bias=bias is not None,
         momentum=getattr(module, "momentum", None),
         track_running_stats=getattr(module, "running_mean", None) is not None,
@@ -192,6 +197,8 @@ def _kind_of_class(cls: type) -> str | None:
         return "bn"
     if issubclass(cls, (nn.modules.instancenorm._InstanceNorm, _nl_in._InstanceNorm)):
         return "in"
+    if issubclass(cls, _MeanOnlyBatchNorm):
+        return "mobn"
     if issubclass(cls, (nn.GroupNorm, _nl_gn.GroupNorm)):
         return "gn"
     if issubclass(cls, _nl_sn._SwitchNorm):
@@ -218,9 +225,10 @@ def convert(
     or a function of the channel count such as ``lambda c: math.gcd(c, 32)`` —, ``process_group=`` for the
     synchronized ones, ...) and override what carries over (see the module docstring).
 
-    ``only``: the kinds of layer to replace, among SOURCE_KINDS ("bn", "sync_bn", "frozen_bn", "in", "gn",
-    "sn", "sync_sn"); all of them by default. ``dim``: the input's spatial dims, for layers whose class
-    does not record them (GroupNorm, SyncBatchNorm) when the new method depends on them (BN, IN, SN).
+    ``only``: the kinds of layer to replace, among SOURCE_KINDS ("bn", "sync_bn", "frozen_bn", "mobn" for
+    mean-only BN, "in", "gn", "sn", "sync_sn"); all of them by default. ``dim``: the input's spatial dims,
+    for layers whose class does not record them (GroupNorm, SyncBatchNorm) when the new method depends on
+    them (BN, IN, SN).
     """
     kinds = _check_only(only)
     target = _target_name(to)
@@ -298,20 +306,35 @@ def _build(old: nn.Module, info: NormInfo, to, target: str | None, dim: int | No
     return new.train(old.training)
 
 
+_FEATURE_SETTINGS = ("eps", "affine", "bias")
+_BN_SETTINGS = (*_FEATURE_SETTINGS, "momentum", "track_running_stats")
+_SETTINGS = {  # what each builtin target takes over from the layer it replaces
+    "bn": _BN_SETTINGS,
+    "sync_bn": _BN_SETTINGS,
+    "gn": _FEATURE_SETTINGS,
+    "ln": _FEATURE_SETTINGS,
+    "in": _FEATURE_SETTINGS,
+    "sn": ("eps", "affine", "momentum", "track_running_stats", "authors_compat", "using_bn"),
+    "sync_sn": ("eps", "affine", "momentum", "track_running_stats", "authors_compat", "using_bn"),
+    "mobn": ("affine", "momentum", "track_running_stats"),  # its affine is a bias alone
+}
+
+
 def _carried(info: NormInfo, target: str | None) -> dict:
     """Settings that mean the same in the new layer (builtin targets only: a factory gets just kwargs)."""
-    if target is None or target == "none":
-        return {}
-    out: dict = {"eps": info.eps, "affine": info.affine}
-    if target in ("bn", "sync_bn", "gn", "ln", "in") and info.affine and not info.bias:
-        out["bias"] = False
-    if info.kind in _BN_LIKE and target in ("bn", "sync_bn", "sn", "sync_sn"):
-        if info.kind != "frozen_bn":
-            out["momentum"] = info.momentum
-        out["track_running_stats"] = info.track_running_stats
-        if target in ("sn", "sync_sn") and info.kind in ("sn", "sync_sn"):
-            out["authors_compat"] = info.authors_compat
-            out["using_bn"] = info.using_bn
+    out: dict = {}
+    for key in _SETTINGS.get(target, ()):
+        if key == "bias":
+            if info.affine and not info.bias:
+                out["bias"] = False
+        elif key in ("momentum", "track_running_stats"):
+            if info.kind in _BN_LIKE and not (key == "momentum" and info.kind == "frozen_bn"):
+                out[key] = getattr(info, key)
+        elif key in ("authors_compat", "using_bn"):
+            if info.kind in ("sn", "sync_sn"):
+                out[key] = getattr(info, key)
+        else:
+            out[key] = getattr(info, key)
     return out
 
 
@@ -351,10 +374,11 @@ def _copy(src: Tensor | None, dst: Tensor | None) -> None:
 
 
 def _carry_requires_grad(old: nn.Module, new: nn.Module) -> None:
-    for name in ("weight", "bias"):
-        src, dst = getattr(old, name, None), getattr(new, name, None)
-        if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
-            dst.requires_grad_(src.requires_grad)
+    """Parameters with the same name keep whether they learn (a frozen γ stays frozen)."""
+    old_params = dict(old.named_parameters(recurse=False))
+    for name, param in new.named_parameters(recurse=False):
+        if name in old_params:
+            param.requires_grad_(old_params[name].requires_grad)
 
 
 # ---------------------------------------------------------------- BN <-> SyncBN

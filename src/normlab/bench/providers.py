@@ -11,6 +11,7 @@ model pays per call (argument checks, running-statistics updates). The baseline 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from normlab.bench.authors_switch_norm import AuthorsSwitchNorm2d
 
 METHODS = ("bn", "gn", "in", "ln", "sn", "wn")
 BASELINE = {"bn": "torch", "gn": "torch", "in": "torch", "ln": "torch", "sn": "authors", "wn": "torch"}
-GROUPS = 32  # GN's groups on every shape (the GN paper's default; divides every default channel count)
+GROUPS = 32  # GN's groups (the GN paper's default; every default shape has 32 | C), or gcd(32, C)
 
 
 @dataclass
@@ -54,8 +55,8 @@ def _weight_norm_fn(provider: str):
 
 
 def applies(method: str, shape: tuple[int, ...]) -> bool:
-    """Feature norms need (N, C, *spatial) inputs — SN's authors' baseline exactly 4-d — except LN, which
-    also runs on transformer rows (N, features); WN runs on every shape (a layer sized by its channels)."""
+    """Feature norms run on (N, C, *spatial) inputs — SN's authors' baseline exactly 4-d — and LN also on
+    transformer rows (N, features); WN runs on every shape (a layer sized by its channels)."""
     if method in ("ln", "wn"):
         return len(shape) >= 2
     if method == "sn":
@@ -69,7 +70,7 @@ def _feature_layer(method: str, provider: str, shape: tuple[int, ...]) -> nn.Mod
     if method == "bn":
         return getattr(lib, f"BatchNorm{max(spatial, 1)}d")(channels)
     if method == "gn":
-        return lib.GroupNorm(GROUPS, channels)
+        return lib.GroupNorm(math.gcd(GROUPS, channels), channels)
     if method == "in":
         return getattr(lib, f"InstanceNorm{spatial}d")(channels, affine=True)
     if method == "ln":

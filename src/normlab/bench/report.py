@@ -49,5 +49,25 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The table as GitHub markdown (for the README): one row per (method, shape, dtype, provider)."""
+    lines = [
+        "| method | shape | dtype | provider | fwd ms | fwd ×clone | fwd speedup | bwd ms | f+b ms | f+b ×clone "
+        "| f+b speedup | f+b GB/s | saved |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        f, b, fb = r.get("fwd"), r.get("bwd"), r.get("fwd+bwd")
+        cells = [
+            r["method"], "×".join(map(str, r["shape"])), r["dtype"], r["provider"],
+            _num(f and f["ms"], ".3f"), _num(f and f["x_clone"], ".2f"), _speedup(f),
+            _num(b and b["ms"], ".3f"),
+            _num(fb and fb["ms"], ".3f"), _num(fb and fb["x_clone"], ".2f"), _speedup(fb),
+            _num(fb and fb["gbps"], ".1f"), f"{r['saved_bytes'] / r['tensor_bytes']:.2f}×",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def to_json(report: dict) -> str:
     return json.dumps(report, indent=2)

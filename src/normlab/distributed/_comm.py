@@ -27,7 +27,7 @@ def empty_moments(xv: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> tupl
     return zeros, zeros.clone()
 
 
-def gather_moments(count: int, mean: Tensor, var: Tensor, group=None) -> tuple[int, Tensor, Tensor]:
+def gather_moments(count: int, mean: Tensor, var: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
     """Moments of the union of every process's set, from each process's ``count``, mean and biased var.
 
     One all-gather of a packed float64 tensor per process  # 1 + C + C -> (2C + 1)
@@ -39,7 +39,8 @@ def gather_moments(count: int, mean: Tensor, var: Tensor, group=None) -> tuple[i
     so a large common offset does not cancel (the naive Σx² − (Σx)²/n would). This is `_stats.pool_moments`
     for sets of unequal sizes; float64 keeps counts exact and the combination free of rounding.
 
-    Returns (n, μ, σ²) with μ, σ² shaped and typed like ``mean``; n is the same Python int on every process.
+    Returns (n, μ, σ²): μ, σ² shaped and typed like ``mean``, n a 0-d float64 tensor, the same on every
+    process. Nothing here syncs the host with the device, so torch.compile traces it whole.
     """
     channels = mean.numel()
     local = torch.cat(
@@ -57,7 +58,7 @@ def gather_moments(count: int, mean: Tensor, var: Tensor, group=None) -> tuple[i
     combined_m2 = (m2 + counts * (means - combined_mean).square()).sum(0)
     combined_var = combined_m2 / total.clamp_min(1.0)
     shape, dtype = mean.shape, mean.dtype
-    return int(total.item()), combined_mean.to(dtype).reshape(shape), combined_var.to(dtype).reshape(shape)
+    return total, combined_mean.to(dtype).reshape(shape), combined_var.to(dtype).reshape(shape)
 
 
 def all_reduce_sum(packed: Tensor, group=None) -> Tensor:

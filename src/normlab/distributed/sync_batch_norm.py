@@ -7,7 +7,8 @@ Per pass, one packed collective (STYLE example 7):
 
 so the sharded computation equals one process holding the whole batch, also when the processes hold
 different batch sizes or none at all. Eval mode, and a group of one process, take the local path
-(`normlab.functional.batch_norm`).
+(`normlab.functional.batch_norm`). Under torch.compile(fullgraph=True) the collectives and the Function
+trace whole (the group's count stays a tensor: no host sync in the graph).
 """
 
 from __future__ import annotations
@@ -21,19 +22,26 @@ from normlab._checks import check_channels, check_dims, check_eps, check_momentu
 from normlab._layout import from_view, to_view
 from normlab._stats import count, moments, stats_dtype
 from normlab.distributed._comm import all_reduce_sum, empty_moments, gather_moments, group_size
-from normlab.functional._normalize import check_param, update_running
+from normlab.functional._normalize import check_channel_params, update_running
 from normlab.kernels import NormSpec
 from normlab.kernels.torch_backend import _affine
 from normlab.nn._running_stats import RunningStatsNorm, exponential_average_factor
 
 
-def check_global_count(total: int, shape: tuple[int, ...], who: str) -> None:
-    """Training needs more than one value per channel over the whole group (every process raises alike)."""
-    if total <= 1:
-        raise ValueError(
-            f"{who}: expected more than 1 value per channel over all processes when training, got {total} "
-            f"(this process's input has shape {shape}); give the processes larger batches together"
-        )
+def check_global_count(total: Tensor, local: int, who: str) -> None:
+    """Training needs more than one value per channel over the whole group (every process raises alike).
+
+    ``total`` is the group's count, a tensor. Eager, a ValueError (reading it syncs host and device once,
+    as torch.nn's SyncBatchNorm does); compiled, a device-side assertion, so the graph stays whole.
+    """
+    message = (
+        f"{who}: expected more than 1 value per channel over all processes when training, got fewer "
+        f"({local} from this process); give the processes larger batches together"
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(total > 1, message)
+    elif total.item() <= 1:
+        raise ValueError(message)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -47,37 +55,37 @@ class SyncBatchNormFunction(torch.autograd.Function):
         acc = stats_dtype(xv.dtype)
         mean, var = moments(xv, spec.dims) if local else empty_moments(xv, spec.dims, acc)
         total, mean, var = gather_moments(local, mean, var, group)
-        check_global_count(total, tuple(xv.shape), "sync_batch_norm")
+        check_global_count(total, local, "sync_batch_norm")
         rstd = torch.rsqrt(var + eps)
         yv = _affine((xv.to(acc) - mean) * rstd, weight, bias).to(xv.dtype)
-        ctx.save_for_backward(xv, weight, mean, rstd)
-        ctx.spec, ctx.total, ctx.group = spec, total, group
+        ctx.save_for_backward(xv, weight, mean, rstd, total)
+        ctx.spec, ctx.group = spec, group
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
-        unbiased_var = var * (total / (total - 1))
+        unbiased_var = var * (total / (total - 1)).to(var.dtype)
         ctx.mark_non_differentiable(mean, unbiased_var)
         return yv, mean, unbiased_var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
-        #   kernels.torch_backend.backward with the sums over the whole group (n = ctx.total per channel):
+        #   kernels.torch_backend.backward with the sums over the whole group (n = total per channel):
         #   g = dy·γ,   dx = rstd · (g − c1 − x̂·c2),   c1 = Σg / n = γ Σdy / n,   c2 = Σg·x̂ / n = γ Σdy·x̂ / n
         #   dγ = Σ dy·x̂,  dβ = Σ dy   over this process's values
-        xv, weight, mean, rstd = ctx.saved_tensors
+        xv, weight, mean, rstd, total = ctx.saved_tensors
         dims, acc = ctx.spec.dims, mean.dtype
         dyf = dy.to(acc)
         xhat = (xv.to(acc) - mean) * rstd
         sum_dy = dyf.sum(dims, keepdim=True)  # like mean: one per channel
         sum_dy_xhat = (dyf * xhat).sum(dims, keepdim=True)
-        dweight = sum_dy_xhat.clone() if ctx.needs_input_grad[1] else None
-        dbias = sum_dy.clone() if ctx.needs_input_grad[2] else None
+        dweight = sum_dy_xhat if ctx.needs_input_grad[1] else None  # the packed copy is what gets reduced
+        dbias = sum_dy if ctx.needs_input_grad[2] else None
 
         # Always reduce, whatever this process needs: every process of the group must join the collective.
         packed = torch.cat([sum_dy.reshape(-1), sum_dy_xhat.reshape(-1)])  # C, C -> 2C
         all_reduce_sum(packed, ctx.group)
         dx = None
         if ctx.needs_input_grad[0]:
-            c1, c2 = (part.reshape(mean.shape) / ctx.total for part in packed.chunk(2))
+            c1, c2 = (part.reshape(mean.shape) / total.to(acc) for part in packed.chunk(2))
             g = dyf
             if weight is not None:
                 w = weight.to(acc)
@@ -113,9 +121,9 @@ def sync_batch_norm(
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who)
     channels = input.shape[1]
-    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
-    for name, param in params.items():
-        check_param(param, channels, name, who, f"({channels},)")
+    check_channel_params(
+        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
 
     xv, view = to_view(input, channels)
     spec = NormSpec(view.batch_dims, view.affine_shape(channels), view)
@@ -135,7 +143,8 @@ class SyncBatchNorm(RunningStatsNorm):
     holding batches b_1..b_N behave like one process holding all of them: same outputs, input gradients and
     running statistics (parameter gradients are each process's share; DDP averages them like any other).
     Each pass makes one collective: an all-gather of (count, mean, M2) in forward, combined with Chan's
-    parallel formula, and an all-reduce of (Σ dy, Σ dy·x̂) in backward. Works with gloo (CPU) and NCCL.
+    parallel formula, and an all-reduce of (Σ dy, Σ dy·x̂) in backward. Works with gloo (CPU) and NCCL,
+    and under torch.compile(fullgraph=True), across processes too.
 
     Eval mode, and a group of one process (or torch.distributed not initialized), take the local path:
     exactly `normlab.BatchNorm{1,2,3}d`. Input (N, C, *spatial) of any dimensionality, like torch.nn's.

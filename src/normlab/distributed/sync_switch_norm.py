@@ -7,8 +7,10 @@ it crosses processes — one packed collective per pass (STYLE example 7):
     backward:  all-reduce (Σ_n Gμ, Σ_n Gσ) per channel                # C + C -> 2C
 
 where a cell is one (sample, channel) and Gμ, Gσ are the per-cell gradient sums of
-`kernels.torch_backend.switch_backward`. Eval mode with running statistics, a group of one process, and a
-layer without the BN source take the local path (`normlab.functional.switch_norm`).
+`kernels.torch_backend.switch_backward`, whose helpers (`switch_mix`, `switch_input_terms`,
+`switch_logit_grads`) compute everything else. Eval mode with running statistics, a group of one process,
+and a layer without the BN source take the local path (`normlab.functional.switch_norm`). Traces whole
+under torch.compile(fullgraph=True), like SyncBatchNorm.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from normlab._layout import from_view, to_view
 from normlab._stats import moments, pool_moments, stats_dtype
 from normlab.distributed._comm import all_reduce_sum, empty_moments, gather_moments, group_size
 from normlab.distributed.sync_batch_norm import check_global_count
-from normlab.functional._normalize import check_param, update_running
+from normlab.functional._normalize import check_channel_params, check_param, update_running
 from normlab.functional.switch_norm import check_sources
 from normlab.kernels import SwitchSpec
 from normlab.kernels.contract import SOURCES
@@ -33,9 +35,9 @@ from normlab.kernels.torch_backend import (
     _affine,
     _affine_reduce,
     _in_var_scale,
-    _mix,
-    _pool_dims,
-    switch_sources,
+    switch_input_terms,
+    switch_logit_grads,
+    switch_mix,
 )
 from normlab.nn._running_stats import exponential_average_factor
 from normlab.nn.switch_norm import AUTO, _SwitchNorm
@@ -55,13 +57,19 @@ def _group_bn_source(mean_in: Tensor, var_in: Tensor, spec: SwitchSpec, position
     else:
         local_mean, local_var = empty_moments(mean_in, (sample_dim,), mean_in.dtype)
     total, mean_bn, var_bn = gather_moments(cells, local_mean, local_var, group)
-    check_global_count(total * positions, tuple(mean_in.shape), "sync_switch_norm")
-    f = total / (total - 1) if spec.authors_compat and positions == 1 and total > 1 else 1.0
+    check_global_count(total * positions, cells * positions, "sync_switch_norm")
+    total = total.to(mean_bn.dtype)
+    f = _unbias(total, spec, positions)
     return mean_bn, var_bn * f, total, f
 
 
+def _unbias(total: Tensor, spec: SwitchSpec, positions: int) -> Tensor | float:
+    """f: the authors' unbiased BN variance P/(P − 1) for inputs with one position per channel."""
+    return total / (total - 1) if spec.authors_compat and positions == 1 else 1.0
+
+
 def _given_bn(spec: SwitchSpec) -> SwitchSpec:
-    # `switch_sources` takes a "running" BN source as given constants: here, the group's statistics.
+    # The torch backend takes a "running" BN source as given constants: here, the group's statistics.
     return dataclasses.replace(spec, running_bn=True)
 
 
@@ -75,15 +83,17 @@ class SyncSwitchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xv, weight, bias, mean_logits, var_logits, spec: SwitchSpec, eps: float, group):
+        #   μ = Σ_k softmax(λ)_k μ_k,   σ² = Σ_k softmax(λ')_k σ²_k,   y = γ (x − μ)/sqrt(σ² + ε) + β
+        #   with μ_bn, σ²_bn over the group's cells and μ_in, σ²_in, μ_ln, σ²_ln per sample, as ever
         positions = xv.shape[spec.view.position_dim]
         mean_in, var_in = moments(xv, spec.view.group_dims)  # per (n, c) cell; empty for an empty shard
-        mean_bn, var_bn, total, f = _group_bn_source(mean_in, var_in, spec, positions, group)
-        sources = switch_sources(mean_in, var_in, mean_bn, var_bn, _given_bn(spec), positions)
-        mean = _mix(mean_logits, [s[0] for s in sources])
-        var = _mix(var_logits, [s[1] for s in sources])
-        yv = _affine((xv.to(mean.dtype) - mean) * torch.rsqrt(var + eps), weight, bias).to(xv.dtype)
-        ctx.save_for_backward(xv, weight, mean_logits, var_logits, mean_in, var_in, mean_bn, var_bn)
-        ctx.spec, ctx.eps, ctx.group, ctx.total, ctx.f = spec, eps, group, total, f
+        mean_bn, var_bn, total, _ = _group_bn_source(mean_in, var_in, spec, positions, group)
+        _, _, _, mean, rstd = switch_mix(
+            mean_in, var_in, mean_bn, var_bn, mean_logits, var_logits, _given_bn(spec), positions, eps
+        )
+        yv = _affine((xv.to(mean.dtype) - mean) * rstd, weight, bias).to(xv.dtype)
+        ctx.save_for_backward(xv, weight, mean_logits, var_logits, mean_in, var_in, mean_bn, var_bn, total)
+        ctx.spec, ctx.eps, ctx.group = spec, eps, group
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         values = total * positions
         running_var_target = var_bn * (1.0 if spec.authors_compat else values / (values - 1))
@@ -97,19 +107,15 @@ class SyncSwitchNormFunction(torch.autograd.Function):
         #   g = dy·γ, r = 1/sqrt(σ² + ε), per (n, c) cell:  Gμ = −r Σ_pos g,   Gσ = −½ r² Σ_pos g·x̂
         #   dx = g r + Σ_k [ w_k  pool_k(Gμ) / (P_k L)
         #                  + 2 f_k w'_k pool_k(Gσ) / (P_k L) · (s (x − μ_in) + μ_in − μ_k) ]
-        #   pool_bn sums over every process's samples (the one all-reduce); IN and LN pool within a sample.
+        #   pool_bn sums over every process's cells (the one all-reduce); IN and LN pool within a sample.
         #   dλ = w ⊙ (a − Σ w a),  a_k = Σ Gμ μ_k over this process's cells;  dλ' likewise;  dγ, dβ local.
-        xv, weight, mean_logits, var_logits, mean_in, var_in, mean_bn, var_bn = ctx.saved_tensors
-        spec = ctx.spec
+        xv, weight, mean_logits, var_logits, mean_in, var_in, mean_bn, var_bn, total = ctx.saved_tensors
+        spec, given = ctx.spec, _given_bn(ctx.spec)
         acc = stats_dtype(xv.dtype)
         positions = xv.shape[spec.view.position_dim]
-        sources = switch_sources(mean_in, var_in, mean_bn, var_bn, _given_bn(spec), positions)
-        k_bn = spec.sources.index("bn")
-        sources[k_bn] = (mean_bn, var_bn, ctx.total, ctx.f)
-        w = torch.softmax(mean_logits.to(acc), 0)
-        w_var = torch.softmax(var_logits.to(acc), 0)
-        mean = sum(w[k] * s[0] for k, s in enumerate(sources))
-        rstd = torch.rsqrt(sum(w_var[k] * s[1] for k, s in enumerate(sources)) + ctx.eps)
+        sources, w, w_var, mean, rstd = switch_mix(
+            mean_in, var_in, mean_bn, var_bn, mean_logits, var_logits, given, positions, ctx.eps
+        )
         xf, dyf = xv.to(acc), dy.to(acc)
         xhat = (xf - mean) * rstd
         g = dyf * weight.to(acc) if weight is not None else dyf
@@ -118,37 +124,43 @@ class SyncSwitchNormFunction(torch.autograd.Function):
         grad_mean = -rstd * g.sum(cell, keepdim=True)
         grad_var = -0.5 * rstd.square() * (g * xhat).sum(cell, keepdim=True)
         sample = spec.view.sample_dim
-        local_sums = [grad_mean.sum(sample, keepdim=True), grad_var.sum(sample, keepdim=True)]
-        packed = all_reduce_sum(torch.cat([t.reshape(-1) for t in local_sums]), ctx.group)  # C, C -> 2C
+        local = [grad_mean.sum(sample, keepdim=True), grad_var.sum(sample, keepdim=True)]
+        packed = torch.cat([t.reshape(-1) for t in local])  # C, C -> 2C
+        all_reduce_sum(packed, ctx.group)  # always: every process of the group must join
         bn_grad_mean, bn_grad_var = (t.reshape(mean_bn.shape) for t in packed.chunk(2))
 
-        need_dx, need_dweight, need_dbias, need_dmean_logits, need_dvar_logits = ctx.needs_input_grad[:5]
-        dx = dweight = dbias = dmean_logits = dvar_logits = None
+        need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+        dx = dweight = dbias = None
         if need_dx:
-            s = _in_var_scale(positions, spec)
+            k = spec.sources.index("bn")
+            bn_only = dataclasses.replace(spec, sources=("bn",))
             dx = g * rstd
-            for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources, strict=True)):
-                if source == "bn":
-                    gm, gv = bn_grad_mean, bn_grad_var
-                else:
-                    dims = _pool_dims(source, spec)
-                    gm = grad_mean.sum(dims, keepdim=True) if dims else grad_mean
-                    gv = grad_var.sum(dims, keepdim=True) if dims else grad_var
-                scale = 1.0 / (pooled * positions)
-                centered = s * (xf - mean_in) + mean_in - mean_k
-                dx = dx + w[k] * gm * scale + (2 * f * scale) * w_var[k] * gv * centered
+            for coef, shift in (
+                # IN, LN: pooled within a sample (the given BN source adds nothing here) ...
+                switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, given, positions),
+                # ... BN: the group's sums, shaped (1, C, ...) so that pooling them again is a no-op, and
+                # divided by the group's P here (P = 1 below): P stays a tensor, with no host sync
+                switch_input_terms(
+                    bn_grad_mean / total, bn_grad_var / total, mean_in,
+                    [(mean_bn, var_bn, 1, _unbias(total, spec, positions))],
+                    w[k : k + 1], w_var[k : k + 1], bn_only, positions,
+                ),
+            ):
+                if coef is not None:
+                    dx = dx + coef * (xf - mean_in) + shift
             dx = dx.to(xv.dtype)
         weight_dtype, bias_dtype = ctx.param_dtypes
         if need_dweight:
             dweight = _affine_reduce(dyf * xhat, spec.affine_shape).to(weight_dtype)
         if need_dbias:
             dbias = _affine_reduce(dyf, spec.affine_shape).to(bias_dtype)
-        if need_dmean_logits:
-            a = torch.stack([(grad_mean * s[0]).sum() for s in sources])
-            dmean_logits = (w * (a - (w * a).sum())).to(mean_logits.dtype)
-        if need_dvar_logits:
-            a = torch.stack([(grad_var * s[1]).sum() for s in sources])
-            dvar_logits = (w_var * (a - (w_var * a).sum())).to(var_logits.dtype)
+        dmean_logits, dvar_logits = switch_logit_grads(
+            grad_mean, grad_var, sources, w, w_var, ctx.needs_input_grad[3:5]
+        )
+        if dmean_logits is not None:
+            dmean_logits = dmean_logits.to(mean_logits.dtype)
+        if dvar_logits is not None:
+            dvar_logits = dvar_logits.to(var_logits.dtype)
         return dx, dweight, dbias, dmean_logits, dvar_logits, None, None, None
 
 
@@ -184,9 +196,9 @@ def sync_switch_norm(
     if "bn" not in sources:
         raise ValueError(f"{who}: sources {sources} have no 'bn' to synchronize; use functional.switch_norm")
     channels = input.shape[1]
-    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
-    for name, param in params.items():
-        check_param(param, channels, name, who, f"({channels},)")
+    check_channel_params(
+        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
         check_param(logits, len(sources), name, who, f"({len(sources)},) — one per source {sources}")
     positions = math.prod(input.shape[2:])
@@ -222,7 +234,8 @@ class SyncSwitchNorm(_SwitchNorm):
     variance are those of the whole distributed batch: N processes holding batches b_1..b_N (any sizes, an
     empty one included) behave like one process holding all of them. IN and LN statistics are per sample
     and stay local. One collective per pass: an all-gather of (cells, μ_bn, M2_bn) in forward, an
-    all-reduce of the BN source's pooled gradient sums in backward. Works with gloo (CPU) and NCCL.
+    all-reduce of the BN source's pooled gradient sums in backward. Works with gloo (CPU) and NCCL, and
+    under torch.compile(fullgraph=True), across processes too.
 
     Eval mode with running statistics, a group of one process, and ``using_bn=False`` take the local path.
     Every process of the group must run forward and backward through the layer in the same order.

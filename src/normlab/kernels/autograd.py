@@ -20,12 +20,22 @@ def _cast(grad, like):
     return None if grad is None else grad.to(like.dtype)
 
 
+def _own_tensor(t):
+    """``t``'s memory as a tensor that is not a view. Backends may return their output as a view of a buffer
+    of another shape; autograd forbids in-place changes (``ReLU(inplace=True)``) to views made inside a
+    custom Function, so the output is handed out as a tensor of its own, without a copy."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 class FeatureNormFunction(torch.autograd.Function):
     """y, mean, var = normalize(x over spec.dims) · weight + bias   (mean and var are not differentiable)."""
 
     @staticmethod
     def forward(ctx, xv, weight, bias, spec, eps, backend):
         yv, mean, var = backend.forward(xv, weight, bias, spec, eps)
+        yv = _own_tensor(yv)
         rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(xv, weight, bias, mean, rstd)
         ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
@@ -52,6 +62,7 @@ class SwitchNormFunction(torch.autograd.Function):
         yv, mean_in, var_in, batch_mean, batch_var = backend.switch_forward(
             xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps
         )
+        yv = _own_tensor(yv)
         ctx.save_for_backward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, mean_in, var_in)
         ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
         if batch_mean is None:  # two distinct tensors: torch.compile maps each output to its own gradient

@@ -9,19 +9,24 @@ routes each method to the kernels that are fast and numerically stable:
     GN, LN = GN(1), IN = GN(C)   native_group_norm                           native_group_norm_backward
       (contiguous)
     LN over trailing dims        native_layer_norm                           native_layer_norm_backward
-    BN (contiguous)              native_group_norm with G = C: per-(n, c)    native_batch_norm_backward
-                                 moments → per-channel moments (Chan), and
+    BN (contiguous, float32/64)  native_group_norm with G = C: per-(n, c)    native_batch_norm_backward
+                                 moments → per-channel ones (Chan), then
                                  its output rebased in place to BN's
+    BN (bf16/fp16, or small)     native_batch_norm (training)                native_batch_norm_backward
     BN (channels_last)           `moments` + one batch_norm (eval) pass      native_batch_norm_backward
-    SN (contiguous)              as BN: per-(n, c) moments → mixed, output   one pass for per-cell Σdy and
-                                 rebased in place                            Σdy·x̂, one for dx
+    SN (contiguous)              as BN: per-(n, c) moments → mixed, output   one pass for the per-cell Σdy and
+                                 rebased in place                            Σdy·x̂, one pass for dx
 
-Numerics. ATen's group- and layer-norm backward sums dy·x and subtracts μ·Σdy, and our SN backward forms
-dx = A·dy + B·x + D: both cancel under a large common offset. A backward whose statistics show
-|μ|/σ > `OFFSET_LIMIT` runs the portable torch backend instead, which centres x first. Forward statistics
-are always stable (ATen's row-wise Welford on contiguous data; `moments` for channels_last BN). Other
-layouts (channels_last GN/IN/LN, whose ATen kernels use the cancelling E[x²] − E[x]²), other devices and
-dtypes, and torch.compile tracing are not supported here: "auto" falls back to the torch backend.
+Inputs of up to `SMALL` (BN) / `SWITCH_SMALL` (SN) elements take the route with the fewest calls: there
+per-call overhead, not memory, sets the time.
+
+Numerics. Forward statistics are stable (ATen's row-wise Welford on contiguous data, `moments` for
+channels_last BN), but ATen rounds the mean to a few ulps of μ, which rstd amplifies; and ATen's group- and
+layer-norm backward sums dy·x and subtracts μ·Σdy, as our SN backward forms dx = A·dy + B·x + D — both
+cancel under a large common offset. So a call whose statistics show |μ|/σ > `OFFSET_LIMIT` (x = 1e4 +
+noise, constant inputs at an offset) runs the portable torch backend instead, which centres x first.
+Other layouts (channels_last GN/IN/LN: ATen's kernels there use E[x²] − E[x]²), devices and dtypes, and
+torch.compile tracing are not supported here: "auto" falls back to the torch backend.
 
 Statistics are float32 (float64 for float64 inputs) whatever the input dtype: parameters, means and 1/σ are
 passed to ATen in that dtype, which selects its mixed-precision kernels for bfloat16/float16 inputs.
@@ -38,39 +43,38 @@ from normlab.kernels.contract import NormSpec, SwitchSpec
 
 name = "cpu"
 
-OFFSET_LIMIT = 32.0  # max |μ|·rstd for the cancelling backward formulas (float32 gradients within ~1e-5)
+OFFSET_LIMIT = 32.0  # max |μ|·rstd for ATen's statistics and cancelling formulas (float32 error ≲ 1e-5)
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Up to these many elements per-call overhead dominates and the fewest calls win (measured on 2 cores):
+SMALL = 1 << 16  # BN: ATen's own batch norm (one call) instead of group norm + pooling + rebasing
+SWITCH_SMALL = 1 << 14  # SN: the torch backend's formulas
 _STATS_EPS = 1e-12  # eps for the internal per-(n, c) moments when the caller's eps is 0 (keeps rstd finite)
 
 _group_norm = torch.native_group_norm
 _group_norm_backward = torch.ops.aten.native_group_norm_backward
 _layer_norm = torch.native_layer_norm
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
+_batch_norm = torch.native_batch_norm
 _batch_norm_backward = torch.ops.aten.native_batch_norm_backward
+_batch_norm_out = torch.ops.aten.native_batch_norm.out
+_compiling = torch.compiler.is_compiling
 
 
 # ---------------------------------------------------------------- what runs here
 
 def _usable(xv: Tensor) -> bool:
-    return (
-        xv.device.type == "cpu"
-        and xv.dtype in _DTYPES
-        and xv.numel() > 0
-        and xv.is_contiguous()
-        and not torch.compiler.is_compiling()
-    )
+    return xv.is_cpu and xv.dtype in _DTYPES and xv.numel() > 0 and xv.is_contiguous() and not _compiling()
 
 
 def _kind(spec: NormSpec) -> str | None:
-    """'rows' (LN over trailing dims), 'group' (GN/LN/IN), 'batch' or 'batch_cl' (BN); None: not here."""
+    """'rows' (LN over trailing dims), 'group' (GN/LN/IN), 'batch' or 'batch_cl' (BN); None: not here.
+    A view's group dims are two (channels-in-group, positions), its batch dims three (and samples)."""
     view = spec.view
     if view is None:
         return "rows" if spec.dims == (1,) else None
-    if spec.dims == view.group_dims:
+    if len(spec.dims) == 2:
         return None if view.channels_last else "group"
-    if spec.dims == view.batch_dims:
-        return "batch_cl" if view.channels_last else "batch"
-    return None
+    return "batch_cl" if view.channels_last else "batch"
 
 
 def supports(xv: Tensor, spec: NormSpec) -> bool:
@@ -101,8 +105,8 @@ def _var(rstd: Tensor, eps: float) -> Tensor:
 
 
 def _offset(mean: Tensor, rstd: Tensor) -> float:
-    """max |μ|/σ over the statistics sets: how much a cancelling formula would lose."""
-    return float((mean.abs() * rstd).amax())
+    """max |μ|/σ over the statistics sets: how much a cancelling formula would lose (same shapes)."""
+    return float(torch.linalg.vector_norm(mean * rstd, float("inf")))
 
 
 def _cell_moments(x3: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, float]:
@@ -115,14 +119,34 @@ def _cell_moments(x3: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, float
     return y_in, mean, _var(rstd, eps_in), eps_in
 
 
+def _cell_affine(x3: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """x·a + b with one (a, b) per (n, c) cell of ``x3`` (N, C, L); a, b broadcast against (N, C, 1).
+
+    One vectorized multiply-add per element: ATen's batch-norm transform over the (1, N·C, L) view, with
+    mean 0, variance 1 and ε = 0 so that it computes exactly (x − 0)/sqrt(1 + 0)·a + b. ``out`` may be
+    ``x3`` itself (elementwise, so writing over the input is safe)."""
+    n, channels, positions = x3.shape
+    cells = n * channels
+    a = a.expand(n, channels, 1).reshape(cells)
+    b = b.expand(n, channels, 1).reshape(cells)
+    zeros, ones = torch.zeros(cells, dtype=a.dtype), torch.ones(cells, dtype=a.dtype)
+    x = x3.view(1, cells, positions)
+    if out is None:
+        return torch.batch_norm(x, a, b, zeros, ones, False, 0.0, 0.0, False).view(x3.shape)
+    _batch_norm_out(x, a, b, zeros, ones, False, 0.0, 0.0, out=out.view(1, cells, positions),
+                    save_mean=a.new_empty(0), save_invstd=a.new_empty(0))
+    return out
+
+
 def _rebase_(y_in: Tensor, rstd_in: Tensor, mean_in: Tensor, mean: Tensor, rstd: Tensor, weight, bias) -> Tensor:
-    """In place: y_in = (x − μ_in)·r_in  →  y = γ (x − μ)·r + β = y_in·a + b   per (n, c) cell, with
-    a = γ r / r_in and b = γ (μ_in − μ) r + β. y_in is centred, so this is exact to rounding."""
+    """In place, per (n, c) cell: y_in = (x − μ_in)·r_in  →  y = γ (x − μ)·r + β = y_in·a + b, with
+    a = γ r / r_in and b = γ (μ_in − μ) r + β. y_in is centred, so this is exact to rounding.
+    ``y_in`` is (N, C, L); the statistics broadcast against (N, C, 1)."""
     scale = rstd if weight is None else rstd * weight
     shift = (mean_in - mean) * scale
     if bias is not None:
         shift = shift + bias
-    return torch.addcmul(shift, y_in, scale / rstd_in, out=y_in)
+    return _cell_affine(y_in, scale / rstd_in, shift, out=y_in)
 
 
 # ---------------------------------------------------------------- BN, LN, IN, GN
@@ -148,25 +172,27 @@ def _group_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
     x3 = xv.view(n, channels, positions)
     y, mean, rstd = _group_norm(x3, _stats_weight(w, xv, channels), b, n, channels, positions, groups, eps)
     shape = (n, groups, 1, 1)
-    return y.view(xv.shape), mean.view(shape), _var(rstd, eps).view(shape), rstd
+    return y.view(xv.shape), mean.view(shape), _var(rstd, eps).view(shape), rstd.view(shape)
 
 
 def _batch_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
     # per-(n, c) moments in one pass, pooled over n:  μ = mean_n μ_nc,  σ² = mean_n (σ²_nc + (μ_nc − μ)²)
     n, channels, _, positions = xv.shape
     x3 = xv.view(n, channels, positions)
+    if xv.numel() <= SMALL or xv.dtype != torch.float32 and xv.dtype != torch.float64:
+        # ATen's own batch norm: one call (small inputs), and its reduced-precision kernel is fast
+        y, mean, rstd = _batch_norm(x3, _stats_weight(w, xv, channels), b, None, None, True, 0.0, eps)
+        shape = (1, channels, 1, 1)
+        return y.view(xv.shape), mean.view(shape), _var(rstd, eps).view(shape), rstd.view(shape)
     y, mean_nc, var_nc, eps_in = _cell_moments(x3, eps)
     mean, var = pool_moments(mean_nc, var_nc, (0,))  # (1, C)
     rstd = torch.rsqrt(var + eps)
-    if xv.dtype == mean.dtype:
-        wv = None if w is None else w.view(1, channels, 1)
-        bv = None if b is None else b.view(1, channels, 1)
-        y = _rebase_(y, torch.rsqrt(var_nc + eps_in).unsqueeze(-1), mean_nc.unsqueeze(-1), mean.unsqueeze(-1),
-                     rstd.unsqueeze(-1), wv, bv)
-    else:  # low precision: one pass from x, one rounding (rebasing would round y twice)
-        y = torch.batch_norm(x3, w, b, mean.view(channels), var.view(channels), False, 0.0, eps, False)
+    wv = None if w is None else w.view(1, channels, 1)
+    bv = None if b is None else b.view(1, channels, 1)
+    y = _rebase_(y, torch.rsqrt(var_nc + eps_in).unsqueeze(-1), mean_nc.unsqueeze(-1), mean.unsqueeze(-1),
+                 rstd.unsqueeze(-1), wv, bv)
     shape = (1, channels, 1, 1)
-    return y.view(xv.shape), mean.view(shape), var.view(shape), rstd
+    return y.view(xv.shape), mean.view(shape), var.view(shape), rstd.view(shape)
 
 
 def _as_channels_last(t: Tensor) -> Tensor:
@@ -231,6 +257,9 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
 def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
     #   per-(n, c) moments in one pass (y_in = cell-normalized x), then as the torch backend:
     #   μ = Σ_k softmax(λ)_k μ_k,  σ² = Σ_k softmax(λ')_k σ²_k;  y = γ (x − μ)/sqrt(σ² + ε) + β, rebased from y_in
+    if xv.numel() <= SWITCH_SMALL:
+        return torch_backend.switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var,
+                                            spec, eps)
     n, channels, _, positions = xv.shape
     y, mean_nc, var_nc, eps_in = _cell_moments(xv.view(n, channels, positions), eps)
     mean_in, var_in = mean_nc.view(n, channels, 1, 1), var_nc.view(n, channels, 1, 1)
@@ -244,9 +273,10 @@ def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, runn
     acc = mean_in.dtype
     w, b = _param(weight, acc), _param(bias, acc)
     if xv.dtype == acc:
+        cell = (n, channels, 1)
         y = _rebase_(
-            y.view(xv.shape), torch.rsqrt(var_in + eps_in), mean_in, mean, rstd,
-            None if w is None else w.view(1, channels, 1, 1), None if b is None else b.view(1, channels, 1, 1),
+            y, torch.rsqrt(var_in + eps_in).view(cell), mean_in.view(cell), mean.reshape(cell), rstd.reshape(cell),
+            None if w is None else w.view(1, channels, 1), None if b is None else b.view(1, channels, 1),
         )
     else:  # low precision: normalize x directly (one rounding), each (n, c) cell a "channel" of batch_norm
         cells = n * channels
@@ -268,7 +298,7 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     #       Gμ = −r γ S1,   Gσ = −½ r² γ S2
     #       dx = γ r · dy + coef·(x − μ_in) + shift   one pass (coef, shift: torch_backend.switch_input_terms)
     #   dγ = Σ_n S2,  dβ = Σ_n S1
-    if _offset(mean_in, torch.rsqrt(var_in + eps)) > OFFSET_LIMIT:
+    if xv.numel() <= SWITCH_SMALL or _offset(mean_in, torch.rsqrt(var_in + eps)) > OFFSET_LIMIT:
         return torch_backend.switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
                                              mean_in, var_in, spec, eps, needs)
     need_dx, need_dweight, need_dbias = needs[:3]
@@ -295,12 +325,21 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
         scale = rstd if gamma is None else rstd * gamma
         coef, shift = torch_backend.switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec,
                                                        positions)
-        dy_ = dy3.view(xv.shape)
+        dy_ = dy3.view(n, channels, positions)
+        scale = scale.expand(n, channels, 1, 1).reshape(n, channels, 1)
         if coef is None:
             dx = dy_ * scale
-        else:  # dx = coef·x + (shift − coef·μ_in) + scale·dy   (coefficients broadcast per (n, c) cell)
-            dx = torch.addcmul(shift - coef * mean_in, xv, coef).addcmul_(dy_, scale)
-        dx = dx.to(xv.dtype)
+        else:  # dx = coef·x + (shift − coef·μ_in) + scale·dy   (coefficients per (n, c) cell)
+            coef, shift = coef.expand(n, channels, 1, 1), shift.expand(n, channels, 1, 1)
+            offset = (shift - coef * mean_in).reshape(n, channels, 1)
+            coef = coef.reshape(n, channels, 1)
+            x_ = xv.view(n, channels, positions)
+            if xv.dtype == acc:
+                dx = _cell_affine(x_, coef, offset)
+            else:  # low precision: accumulate in float32, round once
+                dx = torch.addcmul(offset, x_, coef)
+            dx.addcmul_(dy_, scale)
+        dx = dx.to(xv.dtype).view(xv.shape)
     if need_dweight:
         dweight = s2.sum(0, keepdim=True).view(spec.affine_shape)
     if need_dbias:

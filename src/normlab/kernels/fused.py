@@ -112,7 +112,9 @@ def _check(input, weight, bias, eps, activation, who):
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and (not isinstance(param, Tensor) or param.numel() != channels):
             shape = tuple(param.shape) if isinstance(param, Tensor) else type(param).__name__
-            raise ValueError(f"{who}: {name} must be a Tensor with {channels} elements, shape ({channels},), got {shape}")
+            raise ValueError(
+                f"{who}: {name} must be a Tensor with {channels} elements, shape ({channels},), got {shape}"
+            )
 
 
 def _run(xv, spec, weight, bias, eps, activation, backend, who):

@@ -54,9 +54,11 @@ class Tuning:
     tile: int = 4096  # elements per 2-d tile of a stage kernel (16 KB of float32)
     set_tile_forward: int = 8192  # a GN set up to this many (padded) elements is normalized from registers
     set_tile_backward: int = 4096  # the same for the backward (x and dy both held)
-    row_tile: int = 16384  # LayerNorm rows up to this width stay in registers (forward and backward)
+    row_tile: int = 16384  # LayerNorm rows up to this width stay in registers in the forward
+    row_tile_backward: int = 8192  # and in the backward (x, dy and the dγ/dβ accumulators: 16384 spills)
     programs_per_sm: int = 4  # a staged pass splits positions into chunks until the grid has this many
     combine_block: int = 1024  # partials a combine program reduces per loop step
+    looped_programs_per_sm: int = 2  # the persistent looped GN kernels: SMs × this × set bytes must fit L2
     ln_programs_per_sm: int = 2  # the persistent LayerNorm backward (each program writes a dγ/dβ partial)
     num_sms: int | None = None  # None: read from the device (the CPU interpreter counts 4)
     path: str | None = None  # tests only: force "single", "looped" or "staged" for GN on NCHW

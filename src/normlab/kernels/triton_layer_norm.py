@@ -4,11 +4,15 @@ Forward: a program normalizes BLOCK_R whole rows from registers (rows up to `Tun
 read once and y written once — the two passes a clone makes. Wider rows loop over the row twice (a
 Chan-merged statistics loop, then an apply loop that re-reads from L2).
 
-Backward (the Liger-Kernel layout): a persistent grid of `Tuning.ln_programs_per_sm` programs per SM; each program walks its
-row blocks, reads x and dy once, writes dx, and keeps its share of dγ = Σ dy·x̂ and dβ = Σ dy in
-registers; it writes one partial row at the end, and a (P, D) → (D,) torch sum finishes them — no second
-pass over the input, no atomics, deterministic. Wider rows loop twice over each row (sums, then dx) and
-accumulate dγ/dβ in the program's own partial row in global memory.
+Backward (the Liger-Kernel layout): a persistent grid of `Tuning.ln_programs_per_sm` programs per SM; each
+program walks its row blocks, reads x and dy once, writes dx, and keeps its share of dγ = Σ dy·x̂ and
+dβ = Σ dy in registers; it writes one partial row at the end, and a (P, D) → (D,) torch sum finishes them —
+no second pass over the input, no atomics, deterministic. P stays near the SM count because the partials
+cost P·D·8 bytes each way. Rows wider than `Tuning.row_tile_backward` loop twice over each row (sums, then
+dx) and accumulate dγ/dβ in the program's own partial row in global memory.
+
+Known limit: rows wider than `row_tile` with few rows get one program per row in the forward (e.g. 64 rows
+of 65536 use 64 SMs); splitting such rows across programs like the GN staged path is not done.
 """
 
 from __future__ import annotations
@@ -171,10 +175,10 @@ def _ln_backward_kernel(
 # ---------------------------------------------------------------- host launchers
 
 
-def _blocks(rows: int, width: int, device):
-    """(single, BLOCK_R, BLOCK_D): whole rows up to `Tuning.row_tile`, several rows per tile when narrow
-    (but not so many that the grid leaves SMs idle)."""
-    block_d = min(pow2(width), TUNING.row_tile)
+def _blocks(rows: int, width: int, row_tile: int, device):
+    """(single, BLOCK_R, BLOCK_D): whole rows up to ``row_tile``, several rows per tile when narrow (but not
+    so many that the grid leaves SMs idle)."""
+    block_d = min(pow2(width), row_tile)
     if block_d < width:  # looped: a stage-sized tile per step (a register-sized one spills in the backward)
         return False, 1, min(block_d, TUNING.tile)
     return True, max(1, min(TUNING.tile // block_d, stages.spread_over_sms(rows, device))), block_d
@@ -183,7 +187,7 @@ def _blocks(rows: int, width: int, device):
 def forward(x: torch.Tensor, weight, bias, eps: float):
     """(y, mean, var) of rows x (R, D); mean/var (R,) float32."""
     rows, width = x.shape
-    single, block_r, block_d = _blocks(rows, width, x.device)
+    single, block_r, block_d = _blocks(rows, width, TUNING.row_tile, x.device)
     y = torch.empty_like(x)
     mean, var = torch.empty(2, rows, device=x.device, dtype=torch.float32)
     _ln_forward_kernel[(triton.cdiv(rows, block_r),)](
@@ -197,7 +201,7 @@ def forward(x: torch.Tensor, weight, bias, eps: float):
 def backward(dy, x, weight, mean, rstd, needs):
     """(dx, dweight, dbias); dweight/dbias (D,) float32; mean/rstd (R,) float32."""
     rows, width = x.shape
-    single, block_r, block_d = _blocks(rows, width, x.device)
+    single, block_r, block_d = _blocks(rows, width, TUNING.row_tile_backward, x.device)
     blocks = triton.cdiv(rows, block_r)
     # each program writes a (D,) partial of dγ and of dβ: P·D·8 bytes written and re-read by the final sum,
     # so P stays near the SM count rather than the stage kernels' 4 per SM

@@ -79,7 +79,7 @@ def backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
         ca = torch.zeros(stat_shape, device=xv.device, dtype=torch.float32)
         cb = torch.zeros_like(ca)
         pool_dims = {"in": (), "ln": (view.group_dim,), "bn": (view.sample_dim,)}
-        for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources)):
+        for k, (source, (mean_k, _, pooled, f)) in enumerate(zip(spec.sources, sources, strict=True)):
             if pooled == 0:  # running statistics: constants
                 continue
             dims = pool_dims[source]

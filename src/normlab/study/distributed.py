@@ -39,9 +39,9 @@ from torch import nn
 from normlab.convert import convert, convert_sync_batchnorm
 from normlab.study.data import DATASETS, StudyData, load_dataset
 from normlab.study.model import StudyNet, sn_importance
+from normlab.study.train import REFERENCE_BATCH  # the global batch at which the learning rate is base_lr
 
 METHODS = ("bn", "sync_bn", "gn", "sn")  # the default comparison; "sync_sn" may be added
-REFERENCE_BATCH = 32  # the global batch at which the learning rate equals base_lr (as in study.train)
 
 
 @dataclass(frozen=True)

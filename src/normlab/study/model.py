@@ -35,8 +35,11 @@ def gn_kwargs(method: str, channels: int) -> dict:
     return {"groups": math.gcd(channels, GN_GROUPS)} if canonical_name(method) == "gn" else {}
 
 
-def trunk_plan(in_channels: int, spatial: tuple[int, ...], width: int, max_width: int) -> list[tuple]:
-    """(c_in, c_out, stride) per conv: a stride-1 stem, then stride 2 while every side stays >= 2."""
+def trunk_plan(
+    in_channels: int, spatial: tuple[int, ...], width: int, max_width: int
+) -> tuple[list[tuple[int, int, int]], tuple[int, ...]]:
+    """(c_in, c_out, stride) per conv (a stride-1 stem, then stride 2 while every side stays >= 2), and
+    the final spatial shape."""
     plan = [(in_channels, width, 1)]
     size, channels = list(spatial), width
     while all((s + 1) // 2 >= 2 for s in size):

@@ -37,6 +37,7 @@ class Progress:
         self.measured_steps = 0
         self.measured_seconds = 0.0
         self.last = ""
+        self.closed = False
 
     def finished(self, steps: int, seconds: float, note: str) -> None:
         """One run finished after ``steps`` steps and ``seconds`` of its worker's time."""
@@ -83,6 +84,8 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
+        """End the bar's line on a terminal (once)."""
+        if self.tty and not self.closed:
             self.stream.write("\n")
             self.stream.flush()
+        self.closed = True

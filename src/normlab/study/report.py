@@ -60,7 +60,7 @@ def collect(records: list[dict]) -> dict[tuple[str, int], Cell]:
 
 
 def sn_share(cell: Cell, part: str, source: str) -> tuple[float, float] | None:
-    values = [imp[part][source] for imp in cell.sn if source in imp.get(part, {})]
+    values = [imp[part][source] for imp in cell.sn if imp.get(part, {}).get(source) is not None]
     return mean_std(values) if values else None
 
 
@@ -154,7 +154,7 @@ def plot_error(
     records: list[dict], methods: list[str], batch_sizes: list[int], path: str | Path, title: str = ""
 ) -> None:
     """Test error (%) versus batch size, one line per method, error bars = std over seeds (log y)."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     plt = _pyplot()
     cells = collect(records)
@@ -182,7 +182,11 @@ def plot_error(
         )
     _batch_axis(ax, sorted(batch_sizes))
     ax.set_yscale("log")
-    ax.set_ylim(max(lowest / 1.6, 0.03), 100)
+    bottom = max(lowest / 1.6, 0.03)
+    ax.set_ylim(bottom, 100)
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 3, 5, 10, 20, 50, 100) if t >= bottom]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("test error (%), log scale")
     ax.set_title(title or "test error vs batch size")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -236,7 +238,7 @@ def _run_all(config, data: StudyData, todo: list[RunSpec], path: Path, failures:
         if config.workers == 1:
             _run_inline(config, data, todo, finish)
         else:
-            _run_pool(config, todo, finish)
+            _run_pool(config, todo, finish, tick=progress.draw)
         return False
     except KeyboardInterrupt:
         progress.close()
@@ -253,8 +255,6 @@ def _run_all(config, data: StudyData, todo: list[RunSpec], path: Path, failures:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -291,6 +291,7 @@ def _safe_train(spec: RunSpec, data: StudyData, device: str) -> tuple[dict | Non
 
 def _worker_main(worker: int, tasks, results, data_args: tuple, device: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _exit_with_parent()
     import torch
 
     torch.set_num_threads(1)
@@ -308,7 +309,20 @@ def _worker_main(worker: int, tasks, results, data_args: tuple, device: str) -> 
         results.put(("done", worker, spec, (result, error)))
 
 
-def _run_pool(config: StudyConfig, todo: list[RunSpec], finish) -> None:
+def _exit_with_parent() -> None:
+    """End this worker as soon as the parent is gone (say kill -9): nobody would record its results."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's sentinel closes, i.e. when it has exited
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _run_pool(config: StudyConfig, todo: list[RunSpec], finish, tick=lambda: None) -> None:
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools or locks
     tasks, results = ctx.Queue(), ctx.Queue()
     for spec in todo:
@@ -331,6 +345,7 @@ def _run_pool(config: StudyConfig, todo: list[RunSpec], finish) -> None:
                 kind, worker, spec, payload = results.get(timeout=0.5)
             except queue.Empty:
                 remaining -= _reap_dead_workers(procs, in_flight, finish)
+                tick()  # keeps a terminal's elapsed time moving during long runs
                 continue
             if kind == "start":
                 in_flight[worker] = spec

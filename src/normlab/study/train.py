@@ -89,11 +89,20 @@ def train_run(spec: RunSpec, data: StudyData, device: str | torch.device = "cpu"
         "test_error": test_error,
         "train_error": wrong / max(seen, 1),
         "train_loss": loss_value if math.isfinite(loss_value) else None,
-        "sn_importance": sn_importance(model),
+        "sn_importance": _finite_or_none(sn_importance(model)),
         "train_s": train_time,
         "wall_s": time.perf_counter() - start,
         "cpu_s": time.process_time() - cpu_start,  # this process's CPU time: wall time on an idle core
         "device": str(device),
+    }
+
+
+def _finite_or_none(importance: dict | None) -> dict | None:
+    """SN's weights, with a diverged run's NaNs as None (results.jsonl is strict JSON)."""
+    if importance is None:
+        return None
+    return {
+        part: {k: v if math.isfinite(v) else None for k, v in shares.items()} for part, shares in importance.items()
     }
 
 
