@@ -53,7 +53,7 @@ def test_shapes_that_do_not_apply_are_skipped():
 
 def test_weight_norm_case_when_available():
     case = bench.setup("wn", "torch", (2, 4, 3, 3), torch.float32)
-    row = bench.measure(case, reps=1, warmup=0)
+    row, = bench.measure([case], reps=1, warmup=0)
     assert row["tensor_bytes"] == 4 * 4 * 3 * 3 * 4  # the Conv2d(4, 4, 3) weight
     assert bench.setup("wn", "normlab", (2, 4, 3, 3), torch.float32) is None or row["fwd"]["ms"] > 0
 

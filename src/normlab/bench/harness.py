@@ -1,8 +1,9 @@
 """One runner for every case: forward, backward and forward+backward timed the same way.
 
-Each repetition times a ``clone`` of the same tensor right before the timed pass, so the yardstick sees the
-same machine state (these machines are shared and noisy); both are reported as medians of the repetitions,
-after warm-up repetitions that are not counted. The model of bytes moved — forward: x in, y out;
+Each repetition times a ``clone`` of the same tensor right before the timed pass, and the providers of one
+case take turns repetition by repetition, so yardstick and providers see the same machine state (these
+machines are shared and noisy); all are reported as medians of the repetitions, after warm-up repetitions
+that are not counted. The model of bytes moved — forward: x in, y out;
 backward: x and dy in, dx out — gives GB/s. Memory kept for backward is measured, not modelled: the
 distinct storages that autograd saves during one forward (`torch.autograd.graph.saved_tensors_hooks`).
 """
@@ -62,39 +63,45 @@ def _pass(case: Case, dy: Tensor, which: str) -> tuple[Callable[[], object], Cal
     return setup, timed
 
 
-def time_pass(case: Case, dy: Tensor, which: str, reps: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of ``which`` and of a clone of ``case.tensor``, interleaved repetition by repetition."""
-    setup, timed = _pass(case, dy, which)
-    op_times, clone_times = [], []
+def time_pass(cases: list[Case], dys: list[Tensor], which: str, reps: int, warmup: int) -> list[tuple[float, float]]:
+    """Per case, median seconds of ``which`` and of a clone of its tensor. Repetitions interleave the cases
+    (clone, case 1, clone, case 2, ...), so every provider sees the same machine state."""
+    passes = [_pass(case, dy, which) for case, dy in zip(cases, dys, strict=True)]
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in cases]
     for rep in range(warmup + reps):
-        start = time.perf_counter()
-        case.tensor.clone()
-        clone_time = time.perf_counter() - start
-        setup()
-        start = time.perf_counter()
-        timed()
-        op_time = time.perf_counter() - start
-        if rep >= warmup:
-            clone_times.append(clone_time)
-            op_times.append(op_time)
-    _reset(case.leaves)
-    return statistics.median(op_times), statistics.median(clone_times)
+        for case, (setup, timed), (op_times, clone_times) in zip(cases, passes, times, strict=True):
+            start = time.perf_counter()
+            case.tensor.clone()
+            clone_time = time.perf_counter() - start
+            setup()
+            start = time.perf_counter()
+            timed()
+            op_time = time.perf_counter() - start
+            if rep >= warmup:
+                clone_times.append(clone_time)
+                op_times.append(op_time)
+    for case in cases:
+        _reset(case.leaves)
+    return [(statistics.median(op), statistics.median(clone)) for op, clone in times]
 
 
-def measure(case: Case, reps: int = 15, warmup: int = 3, passes: tuple[str, ...] = PASSES) -> dict:
-    """Times, ratios to the clone, GB/s and saved-for-backward bytes of one case, as a JSON-ready dict."""
-    y = case.forward()
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
-    del y
-    _reset(case.leaves)
-    nbytes = case.tensor.numel() * case.tensor.element_size()
-    row: dict = {"saved_bytes": saved_bytes(case), "tensor_bytes": nbytes}
+def measure(cases: list[Case], reps: int = 15, warmup: int = 3, passes: tuple[str, ...] = PASSES) -> list[dict]:
+    """Times, ratios to the clone, GB/s and saved-for-backward bytes of cases timed together (the providers
+    of one method on one input), one JSON-ready dict each."""
+    dys, rows = [], []
+    for case in cases:
+        y = case.forward()
+        dys.append(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        del y
+        _reset(case.leaves)
+        nbytes = case.tensor.numel() * case.tensor.element_size()
+        rows.append({"saved_bytes": saved_bytes(case), "tensor_bytes": nbytes})
     for which in passes:
-        seconds, clone = time_pass(case, dy, which, reps, warmup)
-        row[which] = {
-            "ms": seconds * 1e3,
-            "clone_ms": clone * 1e3,
-            "x_clone": seconds / clone,
-            "gbps": BYTES_MOVED[which] * nbytes / seconds / 1e9,
-        }
-    return row
+        for row, (seconds, clone) in zip(rows, time_pass(cases, dys, which, reps, warmup), strict=True):
+            row[which] = {
+                "ms": seconds * 1e3,
+                "clone_ms": clone * 1e3,
+                "x_clone": seconds / clone,
+                "gbps": BYTES_MOVED[which] * row["tensor_bytes"] / seconds / 1e9,
+            }
+    return rows

@@ -66,6 +66,11 @@ def markdown(report: dict) -> str:
             _num(fb and fb["gbps"], ".1f"), f"{r['saved_bytes'] / r['tensor_bytes']:.2f}×",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    m, s = report["machine"], report["settings"]
+    lines.append("")
+    lines.append(f"torch {m['torch']}, {m['threads']} threads, {m['cpus']} CPUs; median of {s['reps']} after "
+                 f"{s['warmup']} warm-up; speedup = baseline time ÷ time; ×clone = time ÷ a clone of the same "
+                 "tensor timed in the same loop; saved = memory kept for backward ÷ the tensor's size.")
     return "\n".join(lines)
 
 

@@ -69,17 +69,14 @@ def run(
     for dtype in dtypes:
         for shape in shapes:
             for method in methods:
+                cases = [setup(method, provider, shape, getattr(torch, dtype)) for provider in providers(method)]
+                cases = [case for case in cases if case is not None]
                 group = []
-                for provider in providers(method):
-                    case = setup(method, provider, shape, getattr(torch, dtype))
-                    if case is None:
-                        continue
-                    row = {"method": method, "provider": provider, "baseline": BASELINE[method],
-                           "shape": list(shape), "dtype": dtype}
-                    row.update(measure(case, reps, warmup, passes))
-                    group.append(row)
+                for case, row in zip(cases, measure(cases, reps, warmup, passes) if cases else [], strict=True):
+                    group.append({"method": method, "provider": case.provider, "baseline": BASELINE[method],
+                                  "shape": list(shape), "dtype": dtype, **row})
                     if progress is not None:
-                        progress(row)
+                        progress(group[-1])
                 _compare(group, passes)
                 results.extend(group)
     settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes)}

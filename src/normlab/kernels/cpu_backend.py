@@ -6,8 +6,9 @@ training (and instance norm, which torch computes as a batch norm) takes several
 routes each method to the kernels that are fast and numerically stable:
 
     method (layout)              forward                                     backward
-    GN, LN = GN(1), IN = GN(C)   native_group_norm                           native_group_norm_backward
-      (contiguous)
+    GN, LN = GN(1), IN = GN(C)   native_group_norm                           native_group_norm_backward;
+      (contiguous)                                                           IN: native_batch_norm_backward
+                                                                             over the (1, N·C, L) view
     LN over trailing dims        native_layer_norm                           native_layer_norm_backward
     BN (contiguous, float32/64)  native_group_norm with G = C: per-(n, c)    native_batch_norm_backward
                                  moments → per-channel ones (Chan), then
@@ -23,8 +24,9 @@ per-call overhead, not memory, sets the time.
 Numerics. Forward statistics are stable (ATen's row-wise Welford on contiguous data, `moments` for
 channels_last BN), but ATen rounds the mean to a few ulps of μ, which rstd amplifies; and ATen's group- and
 layer-norm backward sums dy·x and subtracts μ·Σdy, as our SN backward forms dx = A·dy + B·x + D — both
-cancel under a large common offset. So a call whose statistics show |μ|/σ > `OFFSET_LIMIT` (x = 1e4 +
-noise, constant inputs at an offset) runs the portable torch backend instead, which centres x first.
+cancel under a large common offset (ATen's batch-norm backward centres x first: BN and IN need no guard).
+So a call whose statistics show |μ|/σ > `OFFSET_LIMIT` (x = 1e4 + noise, constant inputs at an offset)
+runs the portable torch backend instead, which centres x first.
 Other layouts (channels_last GN/IN/LN: ATen's kernels there use E[x²] − E[x]²), devices and dtypes, and
 torch.compile tracing are not supported here: "auto" falls back to the torch backend.
 
@@ -213,25 +215,35 @@ _FORWARD = {"rows": _rows_forward, "group": _group_forward, "batch": _batch_forw
 
 def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs):
     kind = _kind(spec)
+    if kind == "group" and xv.shape[2] == 1:
+        kind = "instance"  # G = C: each (n, c) cell is a "channel" of ATen's batch-norm backward (faster)
     need_dx, need_dweight, need_dbias = needs
+    mask = [need_dx, need_dweight, need_dbias]
     acc = stats_dtype(xv.dtype)
     w = _param(weight, acc)
     dy = dy.contiguous()
-    if kind in ("rows", "group") and _offset(mean, rstd) > OFFSET_LIMIT:
+    if kind in ("rows", "group") and _offset(mean, rstd) > OFFSET_LIMIT:  # see the module docstring
         return torch_backend.backward(dy, xv, weight, mean, rstd, spec, needs)
     if kind == "rows":
         rows, width = xv.shape
         beta = torch.empty(width, dtype=acc) if need_dbias else None  # only its presence matters
-        dx, dw, db = _layer_norm_backward(dy, xv, (width,), mean, rstd, _stats_weight(w, xv, width), beta,
-                                          [need_dx, need_dweight, need_dbias])
+        dx, dw, db = _layer_norm_backward(dy, xv, (width,), mean, rstd, _stats_weight(w, xv, width), beta, mask)
     elif kind == "group":
         n, groups, per_group, positions = xv.shape
         channels = groups * per_group
         dx, dw, db = _group_norm_backward(
             dy.view(n, channels, positions), xv.view(n, channels, positions), mean.view(n, groups),
-            rstd.view(n, groups), _stats_weight(w, xv, channels), n, channels, positions, groups,
-            [need_dx, need_dweight, need_dbias],
+            rstd.view(n, groups), _stats_weight(w, xv, channels), n, channels, positions, groups, mask,
         )
+    elif kind == "instance":
+        n, channels, _, positions = xv.shape
+        cells = n * channels
+        dx, dw, db = _batch_norm_backward(
+            dy.view(1, cells, positions), xv.view(1, cells, positions), None if w is None else w.repeat(n),
+            None, None, mean.reshape(cells), rstd.reshape(cells), True, 0.0, mask,
+        )
+        dw = None if dw is None else dw.view(n, channels).sum(0)  # Σ over samples of each cell's Σ dy·x̂
+        db = None if db is None else db.view(n, channels).sum(0)
     else:
         channels = mean.numel()
         if kind == "batch":
@@ -239,8 +251,7 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
         else:
             x_, dy_ = _as_channels_last(xv), _as_channels_last(dy)
         dx, dw, db = _batch_norm_backward(
-            dy_, x_, w, None, None, mean.view(channels), rstd.view(channels), True, 0.0,
-            [need_dx, need_dweight, need_dbias],
+            dy_, x_, w, None, None, mean.view(channels), rstd.view(channels), True, 0.0, mask
         )
         if dx is not None and kind == "batch_cl":
             dx = dx.permute(0, 2, 1, 3)
@@ -296,7 +307,8 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     #   per (n, c) cell, with g = dy·γ and x̂ = (x − μ)·r (mixed statistics):
     #       S1 = Σ_pos dy,  S2 = Σ_pos dy·x̂            one pass (ATen's batch-norm backward reductions)
     #       Gμ = −r γ S1,   Gσ = −½ r² γ S2
-    #       dx = γ r · dy + coef·(x − μ_in) + shift   one pass (coef, shift: torch_backend.switch_input_terms)
+    #       dx = γ r · dy + coef·(x − μ_in) + shift   coef, shift: torch_backend.switch_input_terms; one
+    #                                                 allocating pass (coef·x + ·) and one in place (+ γ r·dy)
     #   dγ = Σ_n S2,  dβ = Σ_n S1
     if xv.numel() <= SWITCH_SMALL or _offset(mean_in, torch.rsqrt(var_in + eps)) > OFFSET_LIMIT:
         return torch_backend.switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
