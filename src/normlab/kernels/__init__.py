@@ -7,6 +7,8 @@ clear error if it cannot run the call. Optional backends register themselves her
 
 from __future__ import annotations
 
+import importlib.util
+
 from torch import Tensor
 
 from normlab.kernels import torch_backend
@@ -60,18 +62,13 @@ def select_backend(requested: str | None, xv: Tensor, spec: NormSpec | SwitchSpe
 
 __all__ = ["NormSpec", "SwitchSpec", "available_backends", "register_backend", "select_backend"]
 
-try:  # Triton kernels for CUDA tensors (see triton_backend); absent Triton, "auto" runs the torch backend
-    import triton  # noqa: F401
-except ImportError:
-    pass
-else:
+# Triton kernels for CUDA tensors (see triton_backend; its kernel modules, and Triton, load on first use).
+if importlib.util.find_spec("triton") is not None:
     from normlab.kernels import triton_backend
 
     register_backend(triton_backend)
 
-try:  # ATen's fused CPU kernels for CPU tensors (see cpu_backend); other calls fall through to "torch"
-    from normlab.kernels import cpu_backend
-except ImportError:  # pragma: no cover - needs only torch
-    pass
-else:
-    register_backend(cpu_backend)
+# ATen's fused CPU kernels for CPU tensors (see cpu_backend); other calls fall through to "torch".
+from normlab.kernels import cpu_backend  # noqa: E402
+
+register_backend(cpu_backend)
