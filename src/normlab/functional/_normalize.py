@@ -29,11 +29,18 @@ def check_channel_params(channels: int, who: str, **params: Tensor | None) -> No
         check_param(param, channels, name, who, f"({channels},)")
 
 
+def needs_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call (grad mode on and some input requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None):
     """(yv, mean, var) of the view ``xv`` normalized over ``spec.dims``; mean/var are not differentiable."""
     wv = weight.reshape(spec.affine_shape) if weight is not None else None
     bv = bias.reshape(spec.affine_shape) if bias is not None else None
     chosen = select_backend(backend, xv, spec)
+    if not needs_graph(xv, wv, bv):  # inference: no autograd node to record
+        return chosen.forward(xv, wv, bv, spec, eps)
     return FeatureNormFunction.apply(xv, wv, bv, spec, eps, chosen)
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from normlab._checks import check_batch_values, check_dims, check_eps, check_momentum, check_tensor
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import check_channel_params, check_param, update_running
+from normlab.functional._normalize import check_channel_params, check_param, needs_graph, update_running
 from normlab.kernels import SwitchSpec, select_backend
 from normlab.kernels.autograd import SwitchNormFunction
 from normlab.kernels.contract import SOURCES
@@ -82,7 +82,7 @@ def switch_norm(
     affine_shape = view.affine_shape(channels)
     spec = SwitchSpec(view, sources, running_bn, authors_compat, affine_shape)
     chosen = select_backend(backend, xv, spec)
-    yv, batch_mean, batch_var = SwitchNormFunction.apply(
+    inputs = (
         xv,
         weight.reshape(affine_shape) if weight is not None else None,
         bias.reshape(affine_shape) if bias is not None else None,
@@ -90,10 +90,13 @@ def switch_norm(
         var_logits.reshape(-1),
         running_mean.reshape(affine_shape) if running_bn else None,
         running_var.reshape(affine_shape) if running_bn else None,
-        spec,
-        eps,
-        chosen,
     )
+    if needs_graph(*inputs[:5]):
+        yv, batch_mean, batch_var = SwitchNormFunction.apply(*inputs, spec, eps, chosen)
+    else:  # inference: no autograd node to record
+        yv, _, _, batch_mean, batch_var = chosen.switch_forward(*inputs, spec, eps)
+        if batch_mean is None:
+            batch_mean = yv.new_empty(0)
     if training and batch_mean.numel():
         count = input.shape[0] * positions
         unbias = 1.0 if authors_compat else count / (count - 1)
