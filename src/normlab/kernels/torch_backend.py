@@ -108,25 +108,6 @@ def switch_sources(mean_in, var_in, running_mean, running_var, spec: SwitchSpec,
     return out
 
 
-def _mix(logits: Tensor, values: list[Tensor]) -> Tensor:
-    w = torch.softmax(logits.to(values[0].dtype), 0)
-    return sum(w[k] * v for k, v in enumerate(values))
-
-
-def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
-    #   μ = Σ_k softmax(λ)_k μ_k,   σ² = Σ_k softmax(λ')_k σ²_k,   y = γ (x − μ)/sqrt(σ² + ε) + β
-    stat_dims = spec.view.group_dims  # one (n, c) cell: channel-in-group (size 1) and positions
-    mean_in, var_in = moments(xv, stat_dims)
-    sources = switch_sources(mean_in, var_in, running_mean, running_var, spec, _positions(xv, spec))
-    mean = _mix(mean_logits, [s[0] for s in sources])
-    var = _mix(var_logits, [s[1] for s in sources])
-    xhat = (xv.to(mean.dtype) - mean) * torch.rsqrt(var + eps)
-    batch_mean = batch_var = None
-    if "bn" in spec.sources and not spec.running_bn:
-        batch_mean, batch_var = sources[spec.sources.index("bn")][:2]
-    return _affine(xhat, weight, bias).to(xv.dtype), mean_in, var_in, batch_mean, batch_var
-
-
 def switch_mix(mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps):
     """The mixed per-(n, c) statistics and what the backward needs to differentiate them:
     (sources, w, w_var, mean, rstd) with w = softmax(λ), w_var = softmax(λ'), rstd = 1/sqrt(σ² + ε)."""
@@ -136,6 +117,20 @@ def switch_mix(mean_in, var_in, running_mean, running_var, mean_logits, var_logi
     mean = sum(w[k] * s[0] for k, s in enumerate(sources))
     rstd = torch.rsqrt(sum(w_var[k] * s[1] for k, s in enumerate(sources)) + eps)
     return sources, w, w_var, mean, rstd
+
+
+def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
+    #   μ = Σ_k softmax(λ)_k μ_k,   σ² = Σ_k softmax(λ')_k σ²_k,   y = γ (x − μ)/sqrt(σ² + ε) + β
+    stat_dims = spec.view.group_dims  # one (n, c) cell: channel-in-group (size 1) and positions
+    mean_in, var_in = moments(xv, stat_dims)
+    sources, _, _, mean, rstd = switch_mix(
+        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, _positions(xv, spec), eps
+    )
+    xhat = (xv.to(mean.dtype) - mean) * rstd
+    batch_mean = batch_var = None
+    if "bn" in spec.sources and not spec.running_bn:
+        batch_mean, batch_var = sources[spec.sources.index("bn")][:2]
+    return _affine(xhat, weight, bias).to(xv.dtype), mean_in, var_in, batch_mean, batch_var
 
 
 def switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec: SwitchSpec, positions: int):
