@@ -22,12 +22,12 @@ from normlab.convert import (
     convert,
     convert_sync_batchnorm,
     describe,
-    fold_bn,
     freeze_bn,
     revert_sync_batchnorm,
     unfreeze_bn,
 )
 from normlab.distributed import SyncBatchNorm, SyncSwitchNorm
+from normlab.fold import fold_bn
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 

@@ -8,12 +8,12 @@ from normlab import distributed, functional, reference
 from normlab.convert import (
     convert,
     convert_sync_batchnorm,
-    fold_bn,
     freeze_bn,
     revert_sync_batchnorm,
     unfreeze_bn,
 )
 from normlab.distributed import SyncBatchNorm, SyncSwitchNorm
+from normlab.fold import fold_bn
 from normlab.nn import (
     BatchNorm1d,
     BatchNorm2d,
