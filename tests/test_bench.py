@@ -85,3 +85,14 @@ def test_cli_table_and_errors(capsys):
     assert capsys.readouterr().out.startswith("| method | shape |")
     assert main(["bench", "--methods", "nope", "--reps", "1"]) == 2
     assert "unknown methods" in capsys.readouterr().err
+
+
+def test_backend_choice_reaches_normlab_layers(capsys):
+    """--backend picks normlab's kernel (the GPU benchmark times backend="triton" this way); the baseline keeps
+    torch's own layer. On the CPU, "torch" is the portable backend."""
+    assert main(["bench", "--methods", "gn", "--shapes", "2x8x4x4", "--dtypes", "float32", "--reps", "1",
+                 "--warmup", "0", "--backend", "torch", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["backend"] == "torch" and report["machine"]["device"] == "cpu"
+    assert bench.setup("gn", "normlab", (2, 8, 4, 4), torch.float32, backend="torch").layer.backend == "torch"
+    assert not hasattr(bench.setup("gn", "torch", (2, 8, 4, 4), torch.float32, backend="torch").layer, "backend")

@@ -217,6 +217,9 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--reps", type=int, default=15, metavar="N", help="timed repetitions per pass (default: 15)")
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed repetitions first (default: 3)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="where to run, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
+                   help="normlab's kernel (default: auto — Triton on CUDA, the CPU backend on the CPU)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of the table")
     out.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
@@ -237,7 +240,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             print(f"  {row['method']} {shape} {row['dtype']} {row['provider']}", file=sys.stderr, flush=True)
 
     try:
-        report = bench.run(args.methods, args.shapes, args.dtypes, args.reps, args.warmup, progress=progress)
+        report = bench.run(args.methods, args.shapes, args.dtypes, args.reps, args.warmup, progress=progress,
+                           device=args.device, backend=args.backend)
     except ValueError as err:
         print(f"normlab bench: error: {err}", file=sys.stderr)
         return 2

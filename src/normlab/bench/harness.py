@@ -38,6 +38,12 @@ def saved_bytes(case: Case) -> int:
     return sum(storages.values())
 
 
+def _sync(t: Tensor) -> None:
+    """Wait for queued GPU work, so a CUDA timing covers the kernels and not just their launch."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
 def _reset(leaves: list[Tensor]) -> None:
     for t in leaves:
         t.grad = None
@@ -70,12 +76,16 @@ def time_pass(cases: list[Case], dys: list[Tensor], which: str, reps: int, warmu
     times: list[tuple[list[float], list[float]]] = [([], []) for _ in cases]
     for rep in range(warmup + reps):
         for case, (setup, timed), (op_times, clone_times) in zip(cases, passes, times, strict=True):
+            _sync(case.tensor)
             start = time.perf_counter()
             case.tensor.clone()
+            _sync(case.tensor)
             clone_time = time.perf_counter() - start
             setup()
+            _sync(case.tensor)
             start = time.perf_counter()
             timed()
+            _sync(case.tensor)
             op_time = time.perf_counter() - start
             if rep >= warmup:
                 clone_times.append(clone_time)
@@ -91,7 +101,7 @@ def measure(cases: list[Case], reps: int = 15, warmup: int = 3, passes: tuple[st
     dys, rows = [], []
     for case in cases:
         y = case.forward()
-        dys.append(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        dys.append(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype))
         del y
         _reset(case.leaves)
         nbytes = case.tensor.numel() * case.tensor.element_size()

@@ -30,13 +30,15 @@ GROUPS = 32  # GN's groups (the GN paper's default; every default shape has 32 |
 class Case:
     """A ready-to-time setup. ``forward()`` runs the layer once and returns the output to differentiate;
     ``tensor`` is what the yardstick clones and the bytes model counts (the input, or WN's weight);
-    ``leaves`` are the tensors whose ``.grad`` a backward fills (reset between repetitions)."""
+    ``leaves`` are the tensors whose ``.grad`` a backward fills (reset between repetitions); ``layer`` is
+    the module timed."""
 
     method: str
     provider: str
     forward: Callable[[], Tensor]
     tensor: Tensor
     leaves: list[Tensor]
+    layer: nn.Module
 
 
 def providers(method: str) -> tuple[str, str]:
@@ -85,8 +87,10 @@ def _weight_layer(shape: tuple[int, ...]) -> nn.Module:
     return nn.Linear(channels, channels) if len(shape) == 2 else nn.Conv2d(channels, channels, 3)
 
 
-def setup(method: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> Case | None:
-    """The case, or None where it does not apply (shape) or cannot run here (WN module not importable)."""
+def setup(method: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0,
+          device: str | torch.device = "cpu", backend: str = "auto") -> Case | None:
+    """The case, or None where it does not apply (shape) or cannot run here (WN module not importable).
+    ``backend`` picks normlab's kernel ("auto", "torch", "cpu", "triton"); baselines ignore it."""
     if not applies(method, shape):
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -95,10 +99,12 @@ def setup(method: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype
         if wrap is None:
             return None
         torch.manual_seed(seed)
-        layer = wrap(_weight_layer(shape)).to(dtype)
+        layer = wrap(_weight_layer(shape)).to(device=device, dtype=dtype)
         leaves = [p for p in layer.parameters() if p.requires_grad]
-        return Case(method, provider, lambda: layer.weight, layer.weight.detach(), leaves)
-    layer = _feature_layer(method, provider, shape).to(dtype).train()
-    x = torch.randn(shape, generator=generator).to(dtype).requires_grad_()
+        return Case(method, provider, lambda: layer.weight, layer.weight.detach(), leaves, layer)
+    layer = _feature_layer(method, provider, shape).to(device=device, dtype=dtype).train()
+    if provider == "normlab":
+        layer.backend = backend
+    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
     leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    return Case(method, provider, lambda: layer(x), x.detach(), leaves)
+    return Case(method, provider, lambda: layer(x), x.detach(), leaves, layer)

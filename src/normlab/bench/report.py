@@ -41,12 +41,20 @@ def table(report: dict) -> str:
         )
     m, s = report["machine"], report["settings"]
     lines.append(
-        f"torch {m['torch']}, {m['threads']} threads; median of {s['reps']} after {s['warmup']} warm-up; "
+        f"torch {m['torch']}, {_where(m, s)}; median of {s['reps']} after {s['warmup']} warm-up; "
         "×clone = time ÷ clone of the same tensor (same loop); speedup = baseline time ÷ time "
         "(baseline: torch.nn; SN: the authors' composite; WN: torch's weight_norm); saved = memory kept "
         "for backward ÷ the tensor's size"
     )
     return "\n".join(lines)
+
+
+def _where(machine: dict, settings: dict) -> str:
+    """The device line: the GPU and normlab's backend, or the CPU threads."""
+    backend = settings.get("backend", "auto")
+    if machine.get("gpu"):
+        return f"{machine['gpu']} ({machine['device']}), normlab backend {backend}"
+    return f"{machine['threads']} threads, {machine['cpus']} CPUs, normlab backend {backend}"
 
 
 def markdown(report: dict) -> str:
@@ -68,7 +76,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     m, s = report["machine"], report["settings"]
     lines.append("")
-    lines.append(f"torch {m['torch']}, {m['threads']} threads, {m['cpus']} CPUs; median of {s['reps']} after "
+    lines.append(f"torch {m['torch']}, {_where(m, s)}; median of {s['reps']} after "
                  f"{s['warmup']} warm-up; speedup = baseline time ÷ time; ×clone = time ÷ a clone of the same "
                  "tensor timed in the same loop; saved = memory kept for backward ÷ the tensor's size.")
     return "\n".join(lines)

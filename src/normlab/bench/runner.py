@@ -33,8 +33,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
+        "device": str(device),
+        "gpu": gpu,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
@@ -51,12 +55,16 @@ def run(
     warmup: int = 3,
     passes: tuple[str, ...] = PASSES,
     progress: Callable[[dict], None] | None = None,
+    device: str = "cpu",
+    backend: str = "auto",
 ) -> dict:
     """Run the matrix; returns {"machine", "settings", "results": [one dict per case]}.
 
     Each result: method, provider, baseline (the provider it is compared with), shape, dtype, saved_bytes,
     tensor_bytes and, per pass, ms / clone_ms / x_clone / gbps — plus x_baseline (time ÷ the baseline's
     time, filled in once both are measured). ``progress`` is called with each result as it is measured.
+    ``device`` places every provider's layer and input (CUDA timings synchronize); ``backend`` picks
+    normlab's kernel ("auto": Triton on CUDA, the CPU backend on the CPU).
     """
     methods, shapes, dtypes = list(methods), [tuple(s) for s in shapes], list(dtypes)
     unknown = [m for m in methods if m not in METHODS]
@@ -69,7 +77,8 @@ def run(
     for dtype in dtypes:
         for shape in shapes:
             for method in methods:
-                cases = [setup(method, provider, shape, getattr(torch, dtype)) for provider in providers(method)]
+                cases = [setup(method, provider, shape, getattr(torch, dtype), device=device, backend=backend)
+                         for provider in providers(method)]
                 cases = [case for case in cases if case is not None]
                 group = []
                 for case, row in zip(cases, measure(cases, reps, warmup, passes) if cases else [], strict=True):
@@ -79,8 +88,8 @@ def run(
                         progress(group[-1])
                 _compare(group, passes)
                 results.extend(group)
-    settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes)}
-    return {"machine": machine(), "settings": settings, "results": results}
+    settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes), "backend": backend}
+    return {"machine": machine(device), "settings": settings, "results": results}
 
 
 def _compare(group: list[dict], passes: tuple[str, ...]) -> None:
