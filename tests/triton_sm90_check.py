@@ -101,7 +101,7 @@ def _drive(xv, spec, channels, dtype, activation=None):
     w, b = torch.empty(channels, dtype=dtype), torch.empty(channels, dtype=dtype)
     if spec.view is not None:
         w, b = w.reshape(spec.affine_shape), b.reshape(spec.affine_shape)
-    _, mean, var = triton_backend.forward(xv, w, b, spec, 1e-5, activation=activation)
+    _, mean, _, var = triton_backend.forward(xv, w, b, spec, 1e-5, activation=activation)
     rstd = torch.rsqrt(var + 1e-5)
     triton_backend.backward(torch.empty_like(xv), xv, w, mean, rstd, spec, (True, True, True),
                             bias=b, activation=activation)

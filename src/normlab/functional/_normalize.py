@@ -35,24 +35,31 @@ def needs_graph(*tensors: Tensor | None) -> bool:
 
 
 def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None):
-    """(yv, mean, var) of the view ``xv`` normalized over ``spec.dims``; mean/var are not differentiable."""
-    wv = weight.reshape(spec.affine_shape) if weight is not None else None
-    bv = bias.reshape(spec.affine_shape) if bias is not None else None
+    """(yv, mean, rstd, var) of the view ``xv`` normalized over ``spec.dims``; the statistics are not
+    differentiable, and var may be None (get it with `normlab.kernels.contract.variance`)."""
     chosen = select_backend(backend, xv, spec)
-    if not needs_graph(xv, wv, bv):  # inference: no autograd node to record
+    if not needs_graph(xv, weight, bias):  # inference: no autograd node to record
+        shape = spec.affine_shape
+        wv = weight.reshape(shape) if weight is not None else None
+        bv = bias.reshape(shape) if bias is not None else None
         return chosen.forward(xv, wv, bv, spec, eps)
-    return FeatureNormFunction.apply(xv, wv, bv, spec, eps, chosen)
+    return FeatureNormFunction.apply(xv, weight, bias, spec, eps, chosen)
 
 
-@torch.no_grad()
 def update_running(running: Tensor | None, batch: Tensor, momentum: float | Tensor) -> None:
     """running ← (1 − momentum) · running + momentum · batch   (PyTorch's convention: momentum weighs the
-    new batch). ``momentum`` may be a tensor (a cumulative average 1/k keeps torch.compile graphs whole)."""
+    new batch). ``momentum`` may be a tensor (a cumulative average 1/k keeps torch.compile graphs whole).
+    Never recorded by autograd (a no_grad block only where something requires grad: it costs µs per call)."""
     if running is None:
         return
     if isinstance(momentum, Tensor):
         momentum = momentum.to(running.dtype)
-    running.lerp_(batch.reshape(running.shape).to(running.dtype), momentum)
+    batch = batch.reshape(running.shape).to(running.dtype)
+    if running.requires_grad or batch.requires_grad or isinstance(momentum, Tensor) and momentum.requires_grad:
+        with torch.no_grad():
+            running.lerp_(batch, momentum)
+    else:
+        running.lerp_(batch, momentum)
 
 
 def apply_channel_stats(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:

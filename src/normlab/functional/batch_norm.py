@@ -8,6 +8,7 @@ from normlab._checks import check_batch_values, check_dims, check_eps, check_mom
 from normlab._layout import from_view, to_view
 from normlab.functional._normalize import apply_channel_stats, check_channel_params, normalize, update_running
 from normlab.kernels import NormSpec
+from normlab.kernels.contract import variance
 
 
 def batch_norm(
@@ -50,7 +51,8 @@ def batch_norm(
 
     xv, view = to_view(input, channels)
     spec = NormSpec(view.batch_dims, view.affine_shape(channels), view)
-    yv, mean, var = normalize(xv, spec, weight, bias, eps, backend)
+    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend)
     update_running(running_mean, mean, momentum)
-    update_running(running_var, var * (per_channel / (per_channel - 1)), momentum)
+    if running_var is not None:
+        update_running(running_var, variance(var, rstd, eps) * (per_channel / (per_channel - 1)), momentum)
     return from_view(yv, view)

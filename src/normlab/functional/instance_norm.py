@@ -10,6 +10,7 @@ from normlab._checks import check_dims, check_eps, check_momentum, check_tensor
 from normlab._layout import from_view, to_view
 from normlab.functional._normalize import apply_channel_stats, check_channel_params, normalize, update_running
 from normlab.kernels import NormSpec
+from normlab.kernels.contract import variance
 
 
 def instance_norm(
@@ -53,8 +54,9 @@ def instance_norm(
         )
     xv, view = to_view(input, channels)
     spec = NormSpec(view.group_dims, view.affine_shape(channels), view)
-    yv, mean, var = normalize(xv, spec, weight, bias, eps, backend)
-    if running_mean is not None or running_var is not None:
+    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend)
+    if running_mean is not None:
         update_running(running_mean, mean.mean(0), momentum)
-        update_running(running_var, (var * (positions / (positions - 1))).mean(0), momentum)
+    if running_var is not None:
+        update_running(running_var, (variance(var, rstd, eps) * (positions / (positions - 1))).mean(0), momentum)
     return from_view(yv, view)

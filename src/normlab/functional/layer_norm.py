@@ -52,10 +52,10 @@ def layer_norm(
         # the elementwise affine parameters are permuted the same way (small copies)
         moved = input.movedim(1, -1)
         weight, bias = (p.movedim(0, -1) if p is not None else None for p in (weight, bias))
-        yv, _, _ = normalize(moved.reshape(-1, width), NormSpec((1,), (1, width)), weight, bias, eps, backend)
+        yv = normalize(moved.reshape(-1, width), NormSpec((1,), (1, width)), weight, bias, eps, backend)[0]
         return yv.reshape(moved.shape).movedim(-1, 1)
     xv = input.reshape(-1, width)
-    yv, _, _ = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend)
+    yv = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend)[0]
     out = yv.reshape(input.shape)
     if is_channels_last(input) and input.dim() in (4, 5):
         fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d

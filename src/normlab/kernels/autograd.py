@@ -20,6 +20,11 @@ def _cast(grad, like):
     return None if grad is None else grad.to(like.dtype)
 
 
+def _param_grad(grad, param):
+    """A parameter's gradient (computed in the broadcast shape, statistics dtype) in the parameter's shape and dtype."""
+    return None if grad is None else grad.reshape(param.shape).to(param.dtype)
+
+
 def _own_tensor(t):
     """``t``'s memory as a tensor that is not a view. Backends may return their output as a view of a buffer
     of another shape; autograd forbids in-place changes (``ReLU(inplace=True)``) to views made inside a
@@ -30,28 +35,40 @@ def _own_tensor(t):
 
 
 class FeatureNormFunction(torch.autograd.Function):
-    """y, mean, var = normalize(x over spec.dims) · weight + bias   (mean and var are not differentiable)."""
+    """y, mean, rstd, var = normalize(x over spec.dims) · weight + bias   (the statistics are not differentiable;
+    var may be None, see `contract`). ``weight``/``bias`` hold C values in any shape: they are viewed to
+    ``spec.affine_shape`` here, where no autograd node records the view, and their gradients get their shape."""
 
     @staticmethod
     def forward(ctx, xv, weight, bias, spec, eps, backend):
-        yv, mean, var = backend.forward(xv, weight, bias, spec, eps)
+        shape = spec.affine_shape
+        wv = None if weight is None else weight.reshape(shape)
+        bv = None if bias is None else bias.reshape(shape)
+        route = getattr(backend, "forward_routed", None)
+        if route is None:
+            yv, mean, rstd, var = backend.forward(xv, wv, bv, spec, eps)
+        else:  # the backend says which backward takes these statistics (see `contract`)
+            (yv, mean, rstd, var), backend = route(xv, wv, bv, spec, eps)
         yv = _own_tensor(yv)
-        rstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(xv, weight, bias, mean, rstd)
         ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
-        ctx.mark_non_differentiable(mean, var)
-        return yv, mean, var
+        if var is None:
+            ctx.mark_non_differentiable(mean, rstd)
+        else:
+            ctx.mark_non_differentiable(mean, rstd, var)
+        return yv, mean, rstd, var
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy, _dmean, _drstd, _dvar):
         xv, weight, bias, mean, rstd = ctx.saved_tensors
-        backend = ctx.backend
+        backend, spec = ctx.backend, ctx.spec
         if torch.is_grad_enabled():  # double backward: make the statistics functions of x again
-            mean, var = moments(xv, ctx.spec.dims)
+            mean, var = moments(xv, spec.dims)
             rstd = torch.rsqrt(var + ctx.eps)
             backend = torch_backend
-        dx, dweight, dbias = backend.backward(dy, xv, weight, mean, rstd, ctx.spec, ctx.needs_input_grad[:3])
-        return dx, _cast(dweight, weight), _cast(dbias, bias), None, None, None
+        wv = None if weight is None else weight.reshape(spec.affine_shape)
+        dx, dweight, dbias = backend.backward(dy, xv, wv, mean, rstd, spec, ctx.needs_input_grad[:3])
+        return dx, _param_grad(dweight, weight), _param_grad(dbias, bias), None, None, None
 
 
 class SwitchNormFunction(torch.autograd.Function):

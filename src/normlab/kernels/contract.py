@@ -3,11 +3,17 @@
 Feature norms (BN, LN, IN, GN) reach a backend as a view ``xv`` of the input (see `normlab._layout`) and
 the dims of that view that share one statistic:
 
-    forward(xv, weight, bias, spec, eps)              -> (yv, mean, var)   mean/var keepdim, float32+
+    forward(xv, weight, bias, spec, eps)              -> (yv, mean, rstd, var)   keepdim, float32+
     backward(dy, xv, weight, mean, rstd, spec, needs) -> (dx, dweight, dbias)
 
-``weight``/``bias`` are already viewed to broadcast against ``xv`` (or None). ``var`` is biased (÷m).
+``weight``/``bias`` are already viewed to broadcast against ``xv`` (or None). ``rstd`` = 1/sqrt(σ² + ε), what
+the backward takes. ``var`` is the biased (÷m) σ² where the backend computed it anyway, else None: a caller
+that needs it (BN/IN running statistics) derives it from rstd with `variance` — so the common case pays
+for no extra tensor operations.
 ``needs`` = (dx, dweight, dbias) booleans. A backward returns None for what is not needed.
+A backend may also offer ``forward_routed(xv, weight, bias, spec, eps) -> (forward's outputs, bwd)``, where
+``bwd`` is the object whose ``backward`` takes those statistics (another backend when this one handed the call
+on, or a variant that skips checks the forward already made); the autograd Function prefers it.
 
 Switchable Norm reaches a backend as the view with G = C plus a `SwitchSpec`:
 
@@ -61,6 +67,11 @@ class SwitchSpec:
     running_bn: bool
     authors_compat: bool
     affine_shape: tuple[int, ...] | None = None
+
+
+def variance(var: Tensor | None, rstd: Tensor, eps: float) -> Tensor:
+    """σ² from a forward's (rstd, var): ``var`` itself, or σ² = 1/rstd² − ε (clamped at 0) when it is None."""
+    return var if var is not None else rstd.pow(-2).sub_(eps).clamp_min_(0.0)
 
 
 class Backend(Protocol):

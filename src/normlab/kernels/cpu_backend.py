@@ -154,18 +154,25 @@ def _rebase_(y_in: Tensor, rstd_in: Tensor, mean_in: Tensor, mean: Tensor, rstd:
 # ---------------------------------------------------------------- BN, LN, IN, GN
 
 def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):
+    return forward_routed(xv, weight, bias, spec, eps)[0]
+
+
+def forward_routed(xv: Tensor, weight, bias, spec: NormSpec, eps: float):
+    """(forward's outputs, the backend whose ``backward`` takes them): the torch backend when the offset guard
+    sent the call there, else `checked` — this backend's backward without a second guard on the same
+    statistics (the guard costs a host read of max |μ|·rstd per call). See the contract."""
     acc = stats_dtype(xv.dtype)
     w, b = _param(weight, acc), _param(bias, acc)
-    yv, mean, var, rstd = _FORWARD[_kind(spec)](xv, spec, w, b, eps)
+    yv, mean, rstd, var = _FORWARD[_kind(spec)](xv, spec, w, b, eps)
     if _offset(mean, rstd) > OFFSET_LIMIT:  # a large offset: ATen's mean is off by ulps of μ, times rstd
-        return torch_backend.forward(xv, weight, bias, spec, eps)
-    return yv, mean, var
+        return torch_backend.forward(xv, weight, bias, spec, eps), torch_backend
+    return (yv, mean, rstd, var), checked
 
 
 def _rows_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
     rows, width = xv.shape
     y, mean, rstd = _layer_norm(xv, (width,), _stats_weight(w, xv, width), b, eps)
-    return y, mean, _var(rstd, eps), rstd
+    return y, mean, rstd, None
 
 
 def _group_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
@@ -174,7 +181,7 @@ def _group_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
     x3 = xv.view(n, channels, positions)
     y, mean, rstd = _group_norm(x3, _stats_weight(w, xv, channels), b, n, channels, positions, groups, eps)
     shape = (n, groups, 1, 1)
-    return y.view(xv.shape), mean.view(shape), _var(rstd, eps).view(shape), rstd.view(shape)
+    return y.view(xv.shape), mean.view(shape), rstd.view(shape), None
 
 
 def _batch_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
@@ -184,8 +191,7 @@ def _batch_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
     if xv.numel() <= SMALL or xv.dtype != torch.float32 and xv.dtype != torch.float64:
         # ATen's own batch norm: one call (small inputs), and its reduced-precision kernel is fast
         y, mean, rstd = _batch_norm(x3, _stats_weight(w, xv, channels), b, None, None, True, 0.0, eps)
-        shape = (1, channels, 1, 1)
-        return y.view(xv.shape), mean.view(shape), _var(rstd, eps).view(shape), rstd.view(shape)
+        return y.view(xv.shape), mean.view(1, channels, 1, 1), rstd.view(1, channels, 1, 1), None
     y, mean_nc, var_nc, eps_in = _cell_moments(x3, eps)
     mean, var = pool_moments(mean_nc, var_nc, (0,))  # (1, C)
     rstd = torch.rsqrt(var + eps)
@@ -194,7 +200,7 @@ def _batch_forward(xv: Tensor, spec: NormSpec, w, b, eps: float):
     y = _rebase_(y, torch.rsqrt(var_nc + eps_in).unsqueeze(-1), mean_nc.unsqueeze(-1), mean.unsqueeze(-1),
                  rstd.unsqueeze(-1), wv, bv)
     shape = (1, channels, 1, 1)
-    return y.view(xv.shape), mean.view(shape), var.view(shape), rstd.view(shape)
+    return y.view(xv.shape), mean.view(shape), rstd.view(shape), var.view(shape)
 
 
 def _as_channels_last(t: Tensor) -> Tensor:
@@ -207,13 +213,15 @@ def _batch_forward_cl(xv: Tensor, spec: NormSpec, w, b, eps: float):
     mean, var = moments(xv, spec.dims)  # (1, 1, C, 1), corrected two-pass
     y4 = torch.batch_norm(_as_channels_last(xv), w, b, mean.view(channels), var.view(channels), False, 0.0, eps,
                           False)
-    return y4.permute(0, 2, 1, 3).reshape(xv.shape), mean, var, torch.rsqrt(var + eps)
+    return y4.permute(0, 2, 1, 3).reshape(xv.shape), mean, torch.rsqrt(var + eps), var
 
 
 _FORWARD = {"rows": _rows_forward, "group": _group_forward, "batch": _batch_forward, "batch_cl": _batch_forward_cl}
 
 
-def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs):
+def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs, *,
+             offset_checked: bool = False):
+    """``offset_checked``: these statistics passed `forward`'s offset guard (so the guard is not repeated)."""
     kind = _kind(spec)
     if kind == "group" and xv.shape[2] == 1:
         kind = "instance"  # G = C: each (n, c) cell is a "channel" of ATen's batch-norm backward (faster)
@@ -222,7 +230,7 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
     acc = stats_dtype(xv.dtype)
     w = _param(weight, acc)
     dy = dy.contiguous()
-    if kind in ("rows", "group") and _offset(mean, rstd) > OFFSET_LIMIT:  # see the module docstring
+    if kind in ("rows", "group") and not offset_checked and _offset(mean, rstd) > OFFSET_LIMIT:  # see the docstring
         return torch_backend.backward(dy, xv, weight, mean, rstd, spec, needs)
     if kind == "rows":
         rows, width = xv.shape
@@ -261,6 +269,19 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
         None if dw is None else dw.view(shape),
         None if db is None else db.view(shape),
     )
+
+
+class _Checked:
+    """The backward for statistics that passed `forward`'s offset guard (what `forward_routed` hands out)."""
+
+    name = name
+
+    @staticmethod
+    def backward(dy, xv, weight, mean, rstd, spec, needs):
+        return backward(dy, xv, weight, mean, rstd, spec, needs, offset_checked=True)
+
+
+checked = _Checked()
 
 
 # ---------------------------------------------------------------- Switchable Norm

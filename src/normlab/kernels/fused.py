@@ -76,8 +76,7 @@ class NormActFunction(torch.autograd.Function):
             rstd = torch.rsqrt(var + eps)
             yv = _activate(_pre_activation(xv, mean, rstd, weight, bias), activation).to(xv.dtype)
         else:
-            yv, mean, var = backend.forward(xv, weight, bias, spec, eps, activation=activation)
-            rstd = torch.rsqrt(var + eps)
+            yv, mean, rstd, var = backend.forward(xv, weight, bias, spec, eps, activation=activation)
         ctx.save_for_backward(xv, weight, bias, mean, rstd)
         ctx.spec, ctx.eps, ctx.activation, ctx.backend = spec, eps, activation, backend
         ctx.mark_non_differentiable(mean, var)

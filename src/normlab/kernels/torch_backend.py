@@ -42,8 +42,9 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
 def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):
     #   x̂ = (x − μ) / sqrt(σ² + ε),   y = γ x̂ + β     over the dims spec.dims
     mean, var = moments(xv, spec.dims)
-    xhat = (xv.to(mean.dtype) - mean) * torch.rsqrt(var + eps)
-    return _affine(xhat, weight, bias).to(xv.dtype), mean, var
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xv.to(mean.dtype) - mean) * rstd
+    return _affine(xhat, weight, bias).to(xv.dtype), mean, rstd, var
 
 
 def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs):

@@ -113,7 +113,8 @@ def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float, activation: st
         else:
             yv, mean, var = triton_batch_norm.forward(x, w, b, spec.view, eps, act)
     shape = _stat_shape(xv, spec.dims)
-    return yv.view(xv.shape), mean.view(shape), var.view(shape)
+    var = var.view(shape)
+    return yv.view(xv.shape), mean.view(shape), torch.rsqrt(var + eps), var
 
 
 def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs,
