@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
+        if owns_group:
+            dist.barrier()  # no rank tears gloo down while another still talks to it (aborts at exit)
     finally:
         if owns_group:
             dist.destroy_process_group()
