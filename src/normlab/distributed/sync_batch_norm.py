@@ -18,11 +18,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normlab import functional as F
-from normlab._checks import check_channels, check_dims, check_eps, check_momentum, check_tensor
+from normlab._checks import check_channels, check_dims
 from normlab._layout import from_view, to_view
 from normlab._stats import count, moments, stats_dtype
 from normlab.distributed._comm import all_reduce_sum, empty_moments, gather_moments, group_size
-from normlab.functional._normalize import check_channel_params, update_running
+from normlab.functional._normalize import check_running_norm_args, update_running
 from normlab.kernels import NormSpec
 from normlab.kernels.torch_backend import _affine
 from normlab.nn._running_stats import RunningStatsNorm, exponential_average_factor
@@ -115,14 +115,8 @@ def sync_batch_norm(
     Every process of the group must call it (a process with an empty batch too), and later run its backward.
     """
     who = "sync_batch_norm"
-    check_tensor(input, who)
-    check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who)
-    channels = input.shape[1]
-    check_channel_params(
-        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    channels = check_running_norm_args(
+        input, who, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
 
     xv, view = to_view(input, channels)

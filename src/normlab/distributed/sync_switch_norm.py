@@ -16,19 +16,18 @@ under torch.compile(fullgraph=True), like SyncBatchNorm.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normlab._checks import check_channels, check_dims, check_eps, check_momentum, check_tensor
+from normlab._checks import check_channels, check_dims
 from normlab._layout import from_view, to_view
 from normlab._stats import moments, pool_moments, stats_dtype
 from normlab.distributed._comm import all_reduce_sum, empty_moments, gather_moments, group_size
 from normlab.distributed.sync_batch_norm import check_global_count
-from normlab.functional._normalize import check_channel_params, check_param, update_running
-from normlab.functional.switch_norm import check_sources
+from normlab.functional._normalize import check_running_norm_args, update_running
+from normlab.functional.switch_norm import check_mixing, check_sources
 from normlab.kernels import SwitchSpec
 from normlab.kernels.contract import SOURCES
 from normlab.kernels.torch_backend import (
@@ -187,26 +186,13 @@ def sync_switch_norm(
     included, and later run its backward.
     """
     who = "sync_switch_norm"
-    check_tensor(input, who)
-    check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who)
+    channels = check_running_norm_args(
+        input, who, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
     sources = check_sources(sources, who)
     if "bn" not in sources:
         raise ValueError(f"{who}: sources {sources} have no 'bn' to synchronize; use functional.switch_norm")
-    channels = input.shape[1]
-    check_channel_params(
-        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
-    for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
-        check_param(logits, len(sources), name, who, f"({len(sources)},) — one per source {sources}")
-    positions = math.prod(input.shape[2:])
-    if "in" in sources and positions <= 1:
-        raise ValueError(
-            f"{who}: instance statistics need more than one position per channel, got input of shape "
-            f"{tuple(input.shape)}; leave 'in' out of sources for (N, C) inputs"
-        )
+    check_mixing(input, sources, mean_logits, var_logits, who)
 
     xv, view = to_view(input, channels)
     affine_shape = view.affine_shape(channels)

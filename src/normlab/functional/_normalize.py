@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normlab._checks import check_dims, check_eps, check_momentum, check_tensor
 from normlab._stats import stats_dtype
 from normlab.kernels import NormSpec, select_backend
 from normlab.kernels.autograd import FeatureNormFunction
@@ -27,6 +28,22 @@ def check_channel_params(channels: int, who: str, **params: Tensor | None) -> No
     """Every given per-channel parameter or buffer holds ``channels`` values."""
     for name, param in params.items():
         check_param(param, channels, name, who, f"({channels},)")
+
+
+def check_running_norm_args(
+    input, who: str, eps: float, momentum: float | Tensor | None, ndims: tuple[int, ...] = (2, 3, 4, 5), **params
+) -> int:
+    """The checks shared by the norms with running statistics (BN, IN, SN and their synchronized forms):
+    a floating (N, C, *spatial) input, eps, momentum (a tensor is a cumulative-average factor) and per-channel
+    ``params``. Returns C."""
+    check_tensor(input, who)
+    check_dims(input, ndims, who, "(N, C, *spatial)")
+    check_eps(eps, who)
+    if not isinstance(momentum, Tensor):
+        check_momentum(momentum, who)
+    channels = input.shape[1]
+    check_channel_params(channels, who, **params)
+    return channels
 
 
 def needs_graph(*tensors: Tensor | None) -> bool:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from normlab._checks import check_batch_values, check_dims, check_eps, check_momentum, check_tensor
+from normlab._checks import check_batch_values
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import apply_channel_stats, check_channel_params, normalize, update_running
+from normlab.functional._normalize import (
+    apply_channel_stats,
+    check_running_norm_args,
+    normalize,
+    update_running,
+)
 from normlab.kernels import NormSpec
 from normlab.kernels.contract import variance
 
@@ -30,14 +35,8 @@ def batch_norm(
     Eval (``training=False``) normalizes with the running estimates.
     """
     who = "batch_norm"
-    check_tensor(input, who)
-    check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who)
-    channels = input.shape[1]
-    check_channel_params(
-        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    channels = check_running_norm_args(
+        input, who, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
     if not training:
         if running_mean is None or running_var is None:

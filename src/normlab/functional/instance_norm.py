@@ -6,9 +6,13 @@ import math
 
 from torch import Tensor
 
-from normlab._checks import check_dims, check_eps, check_momentum, check_tensor
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import apply_channel_stats, check_channel_params, normalize, update_running
+from normlab.functional._normalize import (
+    apply_channel_stats,
+    check_running_norm_args,
+    normalize,
+    update_running,
+)
 from normlab.kernels import NormSpec
 from normlab.kernels.contract import variance
 
@@ -32,14 +36,9 @@ def instance_norm(
     per-instance unbiased variances — with PyTorch's momentum. Otherwise the running estimates are used.
     """
     who = "instance_norm"
-    check_tensor(input, who)
-    check_dims(input, (3, 4, 5), who, "(N, C, *spatial)")
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who)
-    channels = input.shape[1]
-    check_channel_params(
-        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    channels = check_running_norm_args(
+        input, who, eps, momentum, ndims=(3, 4, 5),
+        weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
     )
     if not use_input_stats:
         if running_mean is None or running_var is None:

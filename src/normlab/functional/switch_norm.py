@@ -6,9 +6,14 @@ import math
 
 from torch import Tensor
 
-from normlab._checks import check_batch_values, check_dims, check_eps, check_momentum, check_tensor
+from normlab._checks import check_batch_values
 from normlab._layout import from_view, to_view
-from normlab.functional._normalize import check_channel_params, check_param, needs_graph, update_running
+from normlab.functional._normalize import (
+    check_param,
+    check_running_norm_args,
+    needs_graph,
+    update_running,
+)
 from normlab.kernels import SwitchSpec, select_backend
 from normlab.kernels.autograd import SwitchNormFunction
 from normlab.kernels.contract import SOURCES
@@ -19,6 +24,19 @@ def check_sources(sources, who: str) -> tuple[str, ...]:
     if not sources or len(set(sources)) != len(sources) or not set(sources) <= set(SOURCES):
         raise ValueError(f"{who}: sources must be distinct names from {SOURCES}, got {sources!r}")
     return sources
+
+
+def check_mixing(input: Tensor, sources: tuple[str, ...], mean_logits, var_logits, who: str) -> int:
+    """One logit per source, and positions for IN statistics; returns the positions per channel (L)."""
+    for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
+        check_param(logits, len(sources), name, who, f"({len(sources)},) — one per source {sources}")
+    positions = math.prod(input.shape[2:])
+    if "in" in sources and positions <= 1:
+        raise ValueError(
+            f"{who}: instance statistics need more than one position per channel, got input of shape "
+            f"{tuple(input.shape)}; leave 'in' out of sources for (N, C) inputs (SwitchNorm1d mixes LN and BN)"
+        )
+    return positions
 
 
 def switch_norm(
@@ -52,25 +70,11 @@ def switch_norm(
     SwitchNorm1d) the LN/BN variances are the unbiased ones over C and over N.
     """
     who = "switch_norm"
-    check_tensor(input, who)
-    check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
-    check_eps(eps, who)
-    if not isinstance(momentum, Tensor):
-        check_momentum(momentum, who)
-    sources = check_sources(sources, who)
-    channels = input.shape[1]
-    check_channel_params(
-        channels, who, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    channels = check_running_norm_args(
+        input, who, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
     )
-    for name, logits in (("mean_logits", mean_logits), ("var_logits", var_logits)):
-        check_param(logits, len(sources), name, who, f"({len(sources)},) — one per source {sources}")
-
-    positions = math.prod(input.shape[2:])
-    if "in" in sources and positions <= 1:
-        raise ValueError(
-            f"{who}: instance statistics need more than one position per channel, got input of shape "
-            f"{tuple(input.shape)}; leave 'in' out of sources for (N, C) inputs (SwitchNorm1d mixes LN and BN)"
-        )
+    sources = check_sources(sources, who)
+    positions = check_mixing(input, sources, mean_logits, var_logits, who)
     running_bn = "bn" in sources and not training and running_mean is not None and running_var is not None
     if "bn" in sources and not running_bn:
         check_batch_values(
