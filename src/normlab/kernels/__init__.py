@@ -68,7 +68,9 @@ if importlib.util.find_spec("triton") is not None:
 
     register_backend(triton_backend)
 
-# ATen's fused CPU kernels for CPU tensors (see cpu_backend); other calls fall through to "torch".
-from normlab.kernels import cpu_backend  # noqa: E402
+# CPU tensors: normlab's own kernels (see native_backend; built on first use), then ATen's fused kernels for
+# what they do not take (see cpu_backend); other calls fall through to "torch".
+from normlab.kernels import cpu_backend, native_backend  # noqa: E402
 
+register_backend(native_backend)
 register_backend(cpu_backend)

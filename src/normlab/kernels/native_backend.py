@@ -1,0 +1,296 @@
+"""The native CPU backend: normlab's own kernels (`native_cpu.cpp`) for float32, bfloat16 and float64 CPU tensors.
+
+Why: on the CPU torch's batch norm in training, and instance norm (computed as a batch norm), take several
+passes over memory; its group- and layer-norm kernels round the mean and cancel under large offsets. The
+kernels here treat every method alike — a normalization over statistics sets small enough to stay in cache
+while they are read three times (see the .cpp file) — so each direction costs about one memory pass:
+
+    forward   x in, y out                    mean, 1/σ and σ² per set (float32+), offset-stable
+    backward  x, dy in, dx out               dx = r·γ·dy + k·(x − μ) + c per set;  dγ = Σ dy·x̂, dβ = Σ dy
+
+Calls it takes (`supports`): contiguous NCHW views of GN, IN, LN over (C, *) and BN, LN over trailing dims,
+and Switchable Norm (two passes forward, as its statistics mix across cells). Statistics, parameters and
+arithmetic are float32 (float64 for float64 inputs). Channels_last and float16 inputs, other devices and
+torch.compile tracing go to the next backend ("cpu", then "torch").
+
+Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``) into
+``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by the source, the flags and the CPU; when that
+fails a warning says why and "auto" uses the other backends. ``NORMLAB_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from normlab._stats import stats_dtype
+from normlab.kernels import torch_backend
+from normlab.kernels.contract import NormSpec, SwitchSpec
+
+name = "native"
+
+SOURCE = Path(__file__).with_name("native_cpu.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
+STREAM_MIN = 1 << 23  # outputs of this many bytes and more are written past the cache (non-temporal stores)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the .cpp's dtype codes
+_compiling = torch.compiler.is_compiling
+_ptr = ctypes.c_void_p
+_i64 = ctypes.c_int64
+
+
+# ---------------------------------------------------------------- building and loading
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NORMLAB_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "normlab"
+    )
+    return Path(root)
+
+
+def _cpu_tag() -> str:
+    """The CPU's feature flags (``-march=native`` code is built for them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, renamed: concurrent builds are safe
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built if needed; None (with one warning) when they cannot be built or loaded."""
+    if os.environ.get("NORMLAB_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_tag(), sys.platform]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"native_cpu-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the one this library links
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"normlab: native CPU kernels unavailable, using ATen's ({err})", RuntimeWarning, stacklevel=2)
+        return None
+    lib.nl_forward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_double,
+                               ctypes.c_int]
+    lib.nl_backward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
+    lib.nl_cell_combine.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
+                                    ctypes.c_int]
+    return lib
+
+
+# ---------------------------------------------------------------- what runs here
+
+def _kind(spec: NormSpec) -> str | None:
+    """'rows' (LN over trailing dims), 'group' (GN/LN/IN over (N, G, C/G, L)), 'batch' (BN over (N, C, 1, L))."""
+    view = spec.view
+    if view is None:
+        return "rows" if spec.dims == (1,) else None
+    if view.channels_last:
+        return None
+    return "group" if len(spec.dims) == 2 else "batch"
+
+
+def _usable(xv: Tensor) -> bool:
+    return (xv.is_cpu and xv.dtype in _DTYPES and xv.numel() > 0 and xv.is_contiguous() and not _compiling()
+            and library() is not None)
+
+
+def supports(xv: Tensor, spec: NormSpec) -> bool:
+    return _kind(spec) is not None and _usable(xv)
+
+
+def supports_switch(xv: Tensor, spec: SwitchSpec) -> bool:
+    return not spec.view.channels_last and _usable(xv)
+
+
+# ---------------------------------------------------------------- calls into the library
+
+def _sets(xv: Tensor, kind: str):
+    """(geometry, number of sets, statistics shape, channels, n_outer); geometry as the .cpp `Sets` reads it:
+    n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream."""
+    stream = int(_stream(xv))
+    if kind == "rows":
+        rows, width = xv.shape
+        geometry = (rows, 1, 1, width, width, 0, 0, 0, 0, width, 1, stream)
+        return geometry, rows, (rows, 1), width, rows
+    n, groups, per_group, positions = xv.shape
+    channels = groups * per_group
+    if kind == "group":
+        geometry = (n, groups, per_group, positions, channels * positions, per_group * positions, positions,
+                    per_group, 1, channels, 0, stream)
+        return geometry, n * groups, (n, groups, 1, 1), channels, n
+    geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)  # groups = C
+    return geometry, groups, (1, groups, 1, 1), channels, 1
+
+
+def _geometry(values) -> ctypes.Array:
+    return (_i64 * 12)(*values)
+
+
+def _addr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _param(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
+    """An affine parameter as the contiguous vector in the statistics dtype that the kernels read."""
+    return None if p is None else p.reshape(-1).to(acc).contiguous()
+
+
+def _stream(xv: Tensor) -> bool:
+    return xv.dtype == torch.float32 and xv.numel() * xv.element_size() >= STREAM_MIN
+
+
+def _threads(xv: Tensor) -> int:
+    return torch.get_num_threads() if xv.numel() >= PARALLEL_MIN else 1
+
+
+def _moments(xv: Tensor, kind: str, y: Tensor | None, weight, bias, eps: float):
+    """Run the forward kernel (y None: statistics only). Returns mean, rstd, var in the statistics shape."""
+    geometry, sets, shape, _, _ = _sets(xv, kind)
+    acc = stats_dtype(xv.dtype)
+    mean, rstd, var = torch.empty((3, sets), dtype=acc)
+    w, b = _param(weight, acc), _param(bias, acc)
+    library().nl_forward(_DTYPES[xv.dtype], xv.data_ptr(), _addr(y), _addr(w), _addr(b), mean.data_ptr(),
+                         rstd.data_ptr(), var.data_ptr(), _geometry(geometry), eps, _threads(xv))
+    return mean.view(shape), rstd.view(shape), var.view(shape)
+
+
+def _sums(dy: Tensor, xv: Tensor, kind: str, dx: Tensor | None, weight, mean: Tensor, rstd: Tensor,
+          need_dweight: bool, need_dbias: bool):
+    """Run the backward kernel (dx None: the parameter sums only). Returns Σ dy·x̂ and Σ dy per
+    (n_outer, channel) for the per-channel layouts, per channel/element after summing otherwise."""
+    geometry, _, _, channels, n_outer = _sets(xv, kind)
+    threads = _threads(xv)
+    acc = stats_dtype(xv.dtype)
+    w = _param(weight, acc)
+    rows = threads if kind == "rows" else n_outer
+    make = torch.zeros if kind == "rows" else torch.empty  # per-thread partials accumulate
+    dw_part = make((rows, channels), dtype=acc) if need_dweight else None
+    db_part = make((rows, channels), dtype=acc) if need_dbias else None
+    library().nl_backward(_DTYPES[xv.dtype], dy.data_ptr(), xv.data_ptr(), _addr(dx), _addr(w),
+                          mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(), _addr(dw_part),
+                          _addr(db_part), _geometry(geometry), threads)
+    return dw_part, db_part
+
+
+# ---------------------------------------------------------------- BN, LN, IN, GN
+
+def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):
+    y = torch.empty_like(xv)
+    mean, rstd, var = _moments(xv, _kind(spec), y, weight, bias, eps)
+    return y, mean, rstd, var
+
+
+def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: NormSpec, needs):
+    need_dx, need_dweight, need_dbias = needs
+    dy = dy.to(xv.dtype).contiguous()
+    dx = torch.empty_like(xv) if need_dx else None
+    dw, db = _sums(dy, xv, _kind(spec), dx, weight, mean, rstd, need_dweight, need_dbias)
+    shape = spec.affine_shape
+    return (
+        dx,
+        None if dw is None else dw.sum(0).view(shape),
+        None if db is None else db.sum(0).view(shape),
+    )
+
+
+# ---------------------------------------------------------------- Switchable Norm
+
+def _cell_combine(dy: Tensor | None, xv: Tensor, a: Tensor | None, k: Tensor, centre: Tensor, c: Tensor) -> Tensor:
+    """out = a·dy + k·(x − centre) + c with one coefficient of each per (n, c) cell."""
+    n, channels, _, positions = xv.shape
+    cells = (n, channels)
+    out = torch.empty_like(xv)
+    acc = stats_dtype(xv.dtype)
+    coefficients = [None if t is None else t.expand(n, channels, 1, 1).reshape(cells).to(acc).contiguous()
+                    for t in (a, k, centre, c)]
+    library().nl_cell_combine(_DTYPES[xv.dtype], _addr(dy), xv.data_ptr(), out.data_ptr(),
+                              *(_addr(t) for t in coefficients), n * channels, positions, int(_stream(xv)),
+                              _threads(xv))
+    return out
+
+
+def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
+    #   per-(n, c) moments (one pass), mixed as the torch backend does:
+    #   μ = Σ_k softmax(λ)_k μ_k,  σ² = Σ_k softmax(λ')_k σ²_k;  y = (x − μ)·r·γ + β  (a second pass)
+    n, channels, _, positions = xv.shape
+    mean_in, _, var_in = _moments(xv, "group", None, None, None, eps)  # G = C: one set per cell
+    sources, _, _, mean, rstd = torch_backend.switch_mix(
+        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
+    )
+    acc = mean_in.dtype
+    scale = rstd if weight is None else rstd * weight.to(acc).view(1, channels, 1, 1)
+    shift = mean_in.new_zeros(1) if bias is None else bias.to(acc).view(1, channels, 1, 1)
+    y = _cell_combine(None, xv, None, scale, mean, shift)
+    batch_mean = batch_var = None
+    if "bn" in spec.sources and not spec.running_bn:
+        batch_mean, batch_var = sources[spec.sources.index("bn")][:2]
+    return y, mean_in, var_in, batch_mean, batch_var
+
+
+def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
+                    mean_in, var_in, spec, eps, needs):
+    #   per (n, c) cell, with g = dy·γ and x̂ = (x − μ)·r (mixed statistics):
+    #       S1 = Σ_pos dy,  S2 = Σ_pos dy·x̂              one pass (the backward kernel's sums)
+    #       Gμ = −r γ S1,   Gσ = −½ r² γ S2
+    #       dx = γ r · dy + coef·(x − μ_in) + shift     coef, shift: torch_backend.switch_input_terms; one pass
+    #   dγ = Σ_n S2,  dβ = Σ_n S1
+    need_dx, need_dweight, need_dbias = needs[:3]
+    n, channels, _, positions = xv.shape
+    sources, w, w_var, mean, rstd = torch_backend.switch_mix(
+        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
+    )
+    mean, rstd = mean.expand(n, channels, 1, 1), rstd.expand(n, channels, 1, 1)  # mixes may broadcast
+    dy = dy.to(xv.dtype).contiguous()
+    s2, s1 = _sums(dy, xv, "group", None, None, mean.reshape(n, channels), rstd.reshape(n, channels), True, True)
+    s1, s2 = s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1)
+    gamma = None if weight is None else weight.to(mean_in.dtype).view(1, channels, 1, 1)
+    gs1, gs2 = (s1, s2) if gamma is None else (s1 * gamma, s2 * gamma)
+    grad_mean = -rstd * gs1
+    grad_var = -0.5 * rstd.square() * gs2
+
+    dx = dweight = dbias = None
+    if need_dx:
+        scale = rstd if gamma is None else rstd * gamma
+        coef, shift = torch_backend.switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec,
+                                                       positions)
+        if coef is None:
+            coef = shift = mean_in.new_zeros(1)
+        dx = _cell_combine(dy, xv, scale, coef, mean_in, shift)
+    if need_dweight:
+        dweight = s2.sum(0, keepdim=True).view(spec.affine_shape)
+    if need_dbias:
+        dbias = s1.sum(0, keepdim=True).view(spec.affine_shape)
+    dmean_logits, dvar_logits = torch_backend.switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs[3:])
+    return dx, dweight, dbias, dmean_logits, dvar_logits

@@ -1,0 +1,344 @@
+// normlab's CPU kernels: one pass over memory each way for BN, LN, IN and GN (see native_backend.py).
+//
+// Every channels-first norm is a normalization over "statistics sets". Set k = (o, i), o < n_outer,
+// i < n_inner, holds n_seg segments of `len` contiguous elements, segment j at
+//     o·outer + i·inner + j·step,      its channel (for γ, β)  i·ch_inner + j·ch_seg
+//     GN/IN/LN over (N, G, C/G, L):   n_outer = N, n_inner = G, n_seg = C/G, segments are channels
+//     BN over (N, C, 1, L):           n_outer = 1, n_inner = C, n_seg = N, segments are samples
+//     LN over rows (R, W):            n_outer = R, one segment per set, γ and β per element (`per_element`)
+// A set's segments are read three times (shift, centred moments, output), but a set is small enough to
+// stay in the L2 cache, so memory sees one read of x and one write of y; the backward likewise reads x
+// and dy once and writes dx once. Sums run in the compute type (float; double for double inputs) over
+// chunks and accumulate in double. Statistics are the corrected two-pass  μ = s + Σd/m,
+// σ² = (Σd² − (Σd)²/m)/m  with d = x − s and s the first pass's mean: exact under large offsets. Sets run in parallel (OpenMP; the
+// library links the libgomp that torch has loaded, so both share one thread pool).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <immintrin.h>
+#include <omp.h>
+
+namespace {
+
+using i64 = int64_t;
+
+struct bf16 {
+    uint16_t bits;
+};
+
+// Storage types and their compute type C: float for float and bfloat16, double for double. Parameters and
+// statistics are C as well.
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(bf16 v) {
+    uint32_t u = uint32_t(v.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+template <typename T, typename C> inline T store(C v) { return T(v); }
+template <> inline bf16 store<bf16, float>(float f) {  // round to nearest even; NaN stays NaN
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return bf16{uint16_t(u >> 16)};
+}
+
+struct Sets {
+    i64 n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream;
+};
+
+constexpr i64 CHUNK = 1024;  // partial sums in the compute type over at most this many elements, then in double
+
+inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUNK : n; }
+
+// Sums over [start, end) with LANES independent accumulators (four 512-bit vectors): the additions do not
+// wait on one another, so a reduction runs at the speed of loads rather than of the adder's latency.
+// body(l, acc1, acc2) adds element l's terms to one lane of each accumulator; returns the two sums.
+template <typename C> constexpr int LANES = 256 / sizeof(C);
+
+template <typename C, typename Body> inline void lane_sums(i64 start, i64 end, Body body, double& s1, double& s2) {
+    C a[LANES<C>] = {}, b[LANES<C>] = {};
+    i64 l = start;
+    for (; l + LANES<C> <= end; l += LANES<C>) {
+#pragma omp simd
+        for (int v = 0; v < LANES<C>; ++v) body(l + v, a[v], b[v]);
+    }
+    C ta = 0, tb = 0;
+    for (; l < end; ++l) body(l, ta, tb);
+    for (int v = 0; v < LANES<C>; ++v) ta += a[v], tb += b[v];
+    s1 += ta;
+    s2 += tb;
+}
+
+template <typename T, typename C = typename Compute<T>::type> double sum(const T* x, i64 n) {
+    double total = 0, unused = 0;
+    for (i64 start = 0; start < n; start += CHUNK)
+        lane_sums<C>(start, chunk_end(start, n), [x](i64 l, C& a, C&) { a += load(x[l]); }, total, unused);
+    return total;
+}
+
+// d1 += Σ (x − shift),  d2 += Σ (x − shift)²
+template <typename T, typename C = typename Compute<T>::type>
+void centred_sums(const T* x, i64 n, C shift, double& d1, double& d2) {
+    for (i64 start = 0; start < n; start += CHUNK)
+        lane_sums<C>(start, chunk_end(start, n), [x, shift](i64 l, C& a, C& b) {
+            const C d = load(x[l]) - shift;
+            a += d;
+            b += d * d;
+        }, d1, d2);
+}
+
+// s1 += Σ dy,  s2 += Σ dy·(x − μ)
+template <typename T, typename C = typename Compute<T>::type>
+void grad_sums(const T* dy, const T* x, i64 n, C mu, double& s1, double& s2) {
+    for (i64 start = 0; start < n; start += CHUNK)
+        lane_sums<C>(start, chunk_end(start, n), [dy, x, mu](i64 l, C& a, C& b) {
+            const C d = load(dy[l]);
+            a += d;
+            b += d * (load(x[l]) - mu);
+        }, s1, s2);
+}
+
+template <typename C> inline C parameter(const C* p, i64 index, C otherwise) { return p ? p[index] : otherwise; }
+
+// out = a·dy + k·(x − centre) + c for float32 with non-temporal stores: `out` goes to memory without first
+// being read into the cache (a large output is not read back soon; a copy does the same). Returns how many
+// leading elements it wrote (all but a tail shorter than one vector). Callers end with a store fence.
+inline i64 combine_streaming(const float* dy, const float* x, float* out, i64 n, float a, float k, float centre,
+                             float c) {
+#if defined(__AVX512F__)
+    constexpr i64 lanes = 16;
+    i64 l = 0;
+    for (; l < n && (reinterpret_cast<uintptr_t>(out + l) % (lanes * sizeof(float))) != 0; ++l)
+        out[l] = (dy ? a * dy[l] : 0.0f) + k * (x[l] - centre) + c;
+    const __m512 va = _mm512_set1_ps(a), vk = _mm512_set1_ps(k), vcentre = _mm512_set1_ps(centre),
+                 vc = _mm512_set1_ps(c);
+    for (; l + lanes <= n; l += lanes) {
+        __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + l), vcentre), vk, vc);
+        if (dy) v = _mm512_fmadd_ps(va, _mm512_loadu_ps(dy + l), v);
+        _mm512_stream_ps(out + l, v);
+    }
+    return l;
+#elif defined(__AVX__)
+    constexpr i64 lanes = 8;
+    i64 l = 0;
+    for (; l < n && (reinterpret_cast<uintptr_t>(out + l) % (lanes * sizeof(float))) != 0; ++l)
+        out[l] = (dy ? a * dy[l] : 0.0f) + k * (x[l] - centre) + c;
+    const __m256 va = _mm256_set1_ps(a), vk = _mm256_set1_ps(k), vcentre = _mm256_set1_ps(centre),
+                 vc = _mm256_set1_ps(c);
+    for (; l + lanes <= n; l += lanes) {
+        __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + l), vcentre), vk), vc);
+        if (dy) v = _mm256_add_ps(_mm256_mul_ps(va, _mm256_loadu_ps(dy + l)), v);
+        _mm256_stream_ps(out + l, v);
+    }
+    return l;
+#else
+    (void)dy, (void)x, (void)out, (void)n, (void)a, (void)k, (void)centre, (void)c;
+    return 0;
+#endif
+}
+
+inline void store_fence() {
+#if defined(__SSE__)
+    _mm_sfence();
+#endif
+}
+
+// out = a·dy + k·(x − centre) + c;  dy null: no a·dy term.  `stream`: non-temporal stores (float32 only)
+template <typename T, typename C = typename Compute<T>::type>
+void combine(const T* dy, const T* x, T* out, i64 n, C a, C k, C centre, C c, bool stream = false) {
+    if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+            const i64 done = combine_streaming(dy, x, out, n, a, k, centre, c);
+            dy = dy ? dy + done : nullptr, x += done, out += done, n -= done;
+        }
+    }
+    if (dy == nullptr) {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(k * (load(x[l]) - centre) + c);
+    } else {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(a * load(dy[l]) + k * (load(x[l]) - centre) + c);
+    }
+}
+
+// The same with γ, β per element (LN over rows): out = (x − μ)·r·γ_l + β_l, or r·γ_l·dy + k·(x − μ) + c
+template <typename T, typename C = typename Compute<T>::type>
+void combine_elementwise(const T* dy, const T* x, T* out, i64 n, const C* w, const C* b, C r, C k, C mu, C c) {
+    if (dy == nullptr) {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l)
+            out[l] = store<T, C>((load(x[l]) - mu) * r * parameter<C>(w, l, 1) + parameter<C>(b, l, 0));
+    } else {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l)
+            out[l] = store<T, C>(r * parameter<C>(w, l, 1) * load(dy[l]) + k * (load(x[l]) - mu) + c);
+    }
+}
+
+// y = (x − μ)·rstd·γ + β per set; mean, rstd (and var, the biased σ², where given) per set. y null: statistics only.
+template <typename T, typename C = typename Compute<T>::type>
+void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
+             int threads) {
+    const i64 sets = s.n_outer * s.n_inner;
+    const double m = double(s.n_seg) * double(s.len);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 k = 0; k < sets; ++k) {
+        const i64 i = k % s.n_inner, base = (k / s.n_inner) * s.outer + i * s.inner;
+        double total = 0, d1 = 0, d2 = 0;
+        for (i64 j = 0; j < s.n_seg; ++j) total += sum(x + base + j * s.step, s.len);
+        const C shift = C(total / m);
+        for (i64 j = 0; j < s.n_seg; ++j) centred_sums(x + base + j * s.step, s.len, shift, d1, d2);
+        const double mu = double(shift) + d1 / m, sigma2 = std::fmax((d2 - d1 * d1 / m) / m, 0.0);
+        const C r = C(1.0 / std::sqrt(sigma2 + eps));
+        mean[k] = C(mu);
+        rstd[k] = r;
+        if (var != nullptr) var[k] = C(sigma2);
+        if (y == nullptr) continue;
+        for (i64 j = 0; j < s.n_seg; ++j) {
+            const i64 at = base + j * s.step;
+            if (s.per_element) {
+                combine_elementwise<T>(nullptr, x + at, y + at, s.len, w, b, r, C(0), C(mu), C(0));
+            } else {
+                const i64 ch = i * s.ch_inner + j * s.ch_seg;
+                combine<T>(nullptr, x + at, y + at, s.len, C(0), r * parameter<C>(w, ch, 1), C(mu),
+                           parameter<C>(b, ch, 0), s.stream);
+            }
+        }
+        if (s.stream) store_fence();
+    }
+}
+
+// With x̂ = (x − μ)·r and g = γ·dy over a set of m elements:
+//     dx = r·(g − mean(g) − x̂·mean(g·x̂)) = r·γ·dy + k·(x − μ) + c,  k = −r³·Σ g(x − μ)/m,  c = −r·Σ g/m
+// Parameter-gradient partials Σ dy·x̂ and Σ dy go to dw_part / db_part (either may be null). Per channel:
+// slot [o][channel], each written by the one set that holds it. Per element (one segment per set):
+// accumulated into row [thread][element], which the caller zeroes. dx null: the sums only.
+template <typename T, typename C = typename Compute<T>::type>
+void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C* rstd, C* dw_part, C* db_part,
+              const Sets& s, int threads) {
+    const i64 sets = s.n_outer * s.n_inner;
+    const double m = double(s.n_seg) * double(s.len);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 k = 0; k < sets; ++k) {
+        const i64 o = k / s.n_inner, i = k % s.n_inner, base = o * s.outer + i * s.inner;
+        const C mu = mean[k], r = rstd[k];
+        double g1 = 0, g2 = 0;  // Σ g, Σ g·(x − μ)
+        if (s.per_element) {
+            const i64 row = i64(omp_get_thread_num()) * s.len;
+            const T *dys = dy + base, *xs = x + base;
+            for (i64 start = 0; start < s.len; start += CHUNK) {
+                const i64 end = chunk_end(start, s.len);
+                C a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+                for (i64 l = start; l < end; ++l) {
+                    const C d = load(dys[l]), xc = load(xs[l]) - mu, g = d * parameter<C>(w, l, 1);
+                    a += g;
+                    b += g * xc;
+                    if (dw_part) dw_part[row + l] += d * xc * r;
+                    if (db_part) db_part[row + l] += d;
+                }
+                g1 += a;
+                g2 += b;
+            }
+        } else {
+            for (i64 j = 0; j < s.n_seg; ++j) {
+                const i64 ch = i * s.ch_inner + j * s.ch_seg, slot = o * s.channels + ch;
+                double a = 0, b = 0;
+                grad_sums(dy + base + j * s.step, x + base + j * s.step, s.len, mu, a, b);
+                const double gamma = parameter<C>(w, ch, 1);
+                g1 += gamma * a;
+                g2 += gamma * b;
+                const bool first = j == 0 || s.ch_seg != 0;  // BN: the segments (samples) share one channel
+                if (dw_part) dw_part[slot] = (first ? C(0) : dw_part[slot]) + C(b * r);
+                if (db_part) db_part[slot] = (first ? C(0) : db_part[slot]) + C(a);
+            }
+        }
+        if (dx == nullptr) continue;
+        const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
+        for (i64 j = 0; j < s.n_seg; ++j) {
+            const i64 at = base + j * s.step;
+            if (s.per_element)
+                combine_elementwise<T>(dy + at, x + at, dx + at, s.len, w, static_cast<const C*>(nullptr), r, kx, mu, c);
+            else
+                combine<T>(dy + at, x + at, dx + at, s.len, r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx,
+                           mu, c, s.stream);
+        }
+        if (s.stream) store_fence();
+    }
+}
+
+// out = a·dy + k·(x − centre) + c with one (a, k, centre, c) per cell of `len` contiguous elements (dy and a
+// null: no a·dy term): Switchable Norm's output and input gradient, whose statistics mix across cells.
+template <typename T, typename C = typename Compute<T>::type>
+void cell_combine(const T* dy, const T* x, T* out, const C* a, const C* k, const C* centre, const C* c, i64 cells,
+                  i64 len, bool stream, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 q = 0; q < cells; ++q) {
+        const i64 at = q * len;
+        combine<T>(dy ? dy + at : nullptr, x + at, out + at, len, parameter<C>(a, q, 0), k[q], centre[q], c[q], stream);
+        if (stream) store_fence();
+    }
+}
+
+// Runs f with the storage type that `dtype` names: 0 float32, 1 bfloat16, 2 float64.
+template <typename F> int dispatch(int dtype, F&& f) {
+    switch (dtype) {
+        case 0: f(float{}); return 0;
+        case 1: f(bf16{}); return 0;
+        case 2: f(double{}); return 0;
+        default: return 1;
+    }
+}
+
+}  // namespace
+
+// The entry points (ctypes): tensors as untyped pointers in the storage type that `dtype` names; parameters,
+// statistics and coefficients in its compute type. `geometry` holds the 12 fields of `Sets` in order.
+extern "C" {
+
+int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, void* mean, void* rstd, void* var,
+               const int64_t* geometry, double eps, int threads) {
+    Sets s;
+    std::memcpy(&s, geometry, sizeof s);
+    return dispatch(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        using C = typename Compute<T>::type;
+        forward<T>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<const C*>(w), static_cast<const C*>(b),
+                   static_cast<C*>(mean), static_cast<C*>(rstd), static_cast<C*>(var), s, eps, threads);
+    });
+}
+
+int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* w, const void* mean,
+                const void* rstd, void* dw_part, void* db_part, const int64_t* geometry, int threads) {
+    Sets s;
+    std::memcpy(&s, geometry, sizeof s);
+    return dispatch(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        using C = typename Compute<T>::type;
+        backward<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const C*>(w),
+                    static_cast<const C*>(mean), static_cast<const C*>(rstd), static_cast<C*>(dw_part),
+                    static_cast<C*>(db_part), s, threads);
+    });
+}
+
+int nl_cell_combine(int dtype, const void* dy, const void* x, void* out, const void* a, const void* k,
+                    const void* centre, const void* c, int64_t cells, int64_t len, int stream, int threads) {
+    return dispatch(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        using C = typename Compute<T>::type;
+        cell_combine<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(out),
+                        static_cast<const C*>(a), static_cast<const C*>(k), static_cast<const C*>(centre),
+                        static_cast<const C*>(c), cells, len, stream != 0, threads);
+    });
+}
+
+}  // extern "C"
