@@ -67,6 +67,9 @@ CASES = [
     Case("gn", (2, 4, 1100), {"groups": 2}),
     Case("bn", (3, 2, 1031)),
     Case("ln", (3, 2500), {"normalized_ndim": 1}),
+    # sets of more than 2^14 values: the native kernels' blocked moments (blocks of 4096, merged)
+    Case("bn", (3, 2, 7001)),
+    Case("ln", (2, 20000), {"normalized_ndim": 1}),
 ]
 
 LOW_PRECISION = [  # bf16/fp16: ATen's mixed-precision kernels with float32 statistics

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import warnings
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -103,7 +105,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.nl_forward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_double,
                                ctypes.c_int]
-    lib.nl_backward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int]
+    lib.nl_backward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int,
+                                ctypes.c_int]
     lib.nl_cell_combine.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
                                     ctypes.c_int]
     return lib
@@ -136,26 +139,47 @@ def supports_switch(xv: Tensor, spec: SwitchSpec) -> bool:
 
 # ---------------------------------------------------------------- calls into the library
 
-def _sets(xv: Tensor, kind: str):
-    """(geometry, number of sets, statistics shape, channels, n_outer); geometry as the .cpp `Sets` reads it:
-    n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream."""
-    stream = int(_stream(xv))
+class _Plan(NamedTuple):
+    """What a call of one shape, dtype and kind passes to the library (cached: small calls are common)."""
+
+    geometry: ctypes.Array  # the .cpp's `Sets`
+    sets: int
+    stats_shape: tuple[int, ...]
+    channels: int  # parameter-gradient partials per row: channels, or elements for LN over rows
+    rows: int  # rows of partials: n_outer, or threads for LN over rows (which accumulate)
+    threads: int
+    stream: int  # non-temporal stores for the output
+    code: int  # the .cpp's dtype code
+    acc: torch.dtype
+
+
+@lru_cache(maxsize=512)
+def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, parallel_min: int,
+          stream_min: int) -> _Plan:
+    numel = math.prod(shape)
+    threads = threads if numel >= parallel_min else 1
+    stream = int(dtype == torch.float32 and numel * dtype.itemsize >= stream_min)
+    # geometry: n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream
     if kind == "rows":
-        rows, width = xv.shape
+        rows, width = shape
         geometry = (rows, 1, 1, width, width, 0, 0, 0, 0, width, 1, stream)
-        return geometry, rows, (rows, 1), width, rows
-    n, groups, per_group, positions = xv.shape
-    channels = groups * per_group
-    if kind == "group":
-        geometry = (n, groups, per_group, positions, channels * positions, per_group * positions, positions,
-                    per_group, 1, channels, 0, stream)
-        return geometry, n * groups, (n, groups, 1, 1), channels, n
-    geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)  # groups = C
-    return geometry, groups, (1, groups, 1, 1), channels, 1
+        sets, stats_shape, channels, part_rows = rows, (rows, 1), width, threads
+    else:
+        n, groups, per_group, positions = shape
+        channels = groups * per_group
+        if kind == "group":
+            geometry = (n, groups, per_group, positions, channels * positions, per_group * positions, positions,
+                        per_group, 1, channels, 0, stream)
+            sets, stats_shape, part_rows = n * groups, (n, groups, 1, 1), n
+        else:  # batch: the view has groups = C
+            geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
+            sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
+    return _Plan((_i64 * 12)(*geometry), sets, stats_shape, channels, part_rows, threads, stream, _DTYPES[dtype],
+                 stats_dtype(dtype))
 
 
-def _geometry(values) -> ctypes.Array:
-    return (_i64 * 12)(*values)
+def _plan_for(xv: Tensor, kind: str) -> _Plan:
+    return _plan(tuple(xv.shape), xv.dtype, kind, torch.get_num_threads(), PARALLEL_MIN, STREAM_MIN)
 
 
 def _addr(t: Tensor | None) -> int | None:
@@ -163,44 +187,36 @@ def _addr(t: Tensor | None) -> int | None:
 
 
 def _param(p: Tensor | None, acc: torch.dtype) -> Tensor | None:
-    """An affine parameter as the contiguous vector in the statistics dtype that the kernels read."""
-    return None if p is None else p.reshape(-1).to(acc).contiguous()
-
-
-def _stream(xv: Tensor) -> bool:
-    return xv.dtype == torch.float32 and xv.numel() * xv.element_size() >= STREAM_MIN
-
-
-def _threads(xv: Tensor) -> int:
-    return torch.get_num_threads() if xv.numel() >= PARALLEL_MIN else 1
+    """An affine parameter (any shape) as the contiguous statistics-dtype values that the kernels read."""
+    if p is None or p.dtype == acc and p.is_contiguous():
+        return p
+    return p.reshape(-1).to(acc).contiguous()
 
 
 def _moments(xv: Tensor, kind: str, y: Tensor | None, weight, bias, eps: float):
     """Run the forward kernel (y None: statistics only). Returns mean, rstd, var in the statistics shape."""
-    geometry, sets, shape, _, _ = _sets(xv, kind)
-    acc = stats_dtype(xv.dtype)
-    mean, rstd, var = torch.empty((3, sets), dtype=acc)
-    w, b = _param(weight, acc), _param(bias, acc)
-    library().nl_forward(_DTYPES[xv.dtype], xv.data_ptr(), _addr(y), _addr(w), _addr(b), mean.data_ptr(),
-                         rstd.data_ptr(), var.data_ptr(), _geometry(geometry), eps, _threads(xv))
-    return mean.view(shape), rstd.view(shape), var.view(shape)
+    plan = _plan_for(xv, kind)
+    stats = torch.empty((3, *plan.stats_shape), dtype=plan.acc)  # mean, rstd, var
+    at, step = stats.data_ptr(), plan.sets * stats.element_size()
+    w, b = _param(weight, plan.acc), _param(bias, plan.acc)
+    library().nl_forward(plan.code, xv.data_ptr(), _addr(y), _addr(w), _addr(b), at, at + step, at + 2 * step,
+                         plan.geometry, eps, plan.threads)
+    return stats.unbind()
 
 
 def _sums(dy: Tensor, xv: Tensor, kind: str, dx: Tensor | None, weight, mean: Tensor, rstd: Tensor,
-          need_dweight: bool, need_dbias: bool):
-    """Run the backward kernel (dx None: the parameter sums only). Returns Σ dy·x̂ and Σ dy per
-    (n_outer, channel) for the per-channel layouts, per channel/element after summing otherwise."""
-    geometry, _, _, channels, n_outer = _sets(xv, kind)
-    threads = _threads(xv)
-    acc = stats_dtype(xv.dtype)
-    w = _param(weight, acc)
-    rows = threads if kind == "rows" else n_outer
-    make = torch.zeros if kind == "rows" else torch.empty  # per-thread partials accumulate
-    dw_part = make((rows, channels), dtype=acc) if need_dweight else None
-    db_part = make((rows, channels), dtype=acc) if need_dbias else None
-    library().nl_backward(_DTYPES[xv.dtype], dy.data_ptr(), xv.data_ptr(), _addr(dx), _addr(w),
-                          mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(), _addr(dw_part),
-                          _addr(db_part), _geometry(geometry), threads)
+          need_dweight: bool, need_dbias: bool, sum_rows: bool = True):
+    """Run the backward kernel (dx None: the parameter sums only). Returns the partial sums Σ dy·x̂ and Σ dy,
+    (rows, channels) each, or None where not needed; with ``sum_rows`` their row 0 is the total over rows:
+    dweight and dbias."""
+    plan = _plan_for(xv, kind)
+    w = _param(weight, plan.acc)
+    make = torch.zeros if kind == "rows" else torch.empty  # LN rows: per-thread partials accumulate
+    dw_part = make((plan.rows, plan.channels), dtype=plan.acc) if need_dweight else None
+    db_part = make((plan.rows, plan.channels), dtype=plan.acc) if need_dbias else None
+    library().nl_backward(plan.code, dy.data_ptr(), xv.data_ptr(), _addr(dx), _addr(w), mean.contiguous().data_ptr(),
+                          rstd.contiguous().data_ptr(), _addr(dw_part), _addr(db_part), plan.geometry, int(sum_rows),
+                          plan.threads)
     return dw_part, db_part
 
 
@@ -218,11 +234,7 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
     dx = torch.empty_like(xv) if need_dx else None
     dw, db = _sums(dy, xv, _kind(spec), dx, weight, mean, rstd, need_dweight, need_dbias)
     shape = spec.affine_shape
-    return (
-        dx,
-        None if dw is None else dw.sum(0).view(shape),
-        None if db is None else db.sum(0).view(shape),
-    )
+    return dx, None if dw is None else dw[0].view(shape), None if db is None else db[0].view(shape)
 
 
 # ---------------------------------------------------------------- Switchable Norm
@@ -230,14 +242,12 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
 def _cell_combine(dy: Tensor | None, xv: Tensor, a: Tensor | None, k: Tensor, centre: Tensor, c: Tensor) -> Tensor:
     """out = a·dy + k·(x − centre) + c with one coefficient of each per (n, c) cell."""
     n, channels, _, positions = xv.shape
-    cells = (n, channels)
+    plan = _plan_for(xv, "group")
     out = torch.empty_like(xv)
-    acc = stats_dtype(xv.dtype)
-    coefficients = [None if t is None else t.expand(n, channels, 1, 1).reshape(cells).to(acc).contiguous()
+    coefficients = [None if t is None else t.expand(n, channels, 1, 1).reshape(n, channels).to(plan.acc).contiguous()
                     for t in (a, k, centre, c)]
-    library().nl_cell_combine(_DTYPES[xv.dtype], _addr(dy), xv.data_ptr(), out.data_ptr(),
-                              *(_addr(t) for t in coefficients), n * channels, positions, int(_stream(xv)),
-                              _threads(xv))
+    library().nl_cell_combine(plan.code, _addr(dy), xv.data_ptr(), out.data_ptr(), *(_addr(t) for t in coefficients),
+                              n * channels, positions, plan.stream, plan.threads)
     return out
 
 
@@ -273,7 +283,8 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     )
     mean, rstd = mean.expand(n, channels, 1, 1), rstd.expand(n, channels, 1, 1)  # mixes may broadcast
     dy = dy.to(xv.dtype).contiguous()
-    s2, s1 = _sums(dy, xv, "group", None, None, mean.reshape(n, channels), rstd.reshape(n, channels), True, True)
+    s2, s1 = _sums(dy, xv, "group", None, None, mean.reshape(n, channels), rstd.reshape(n, channels), True, True,
+                   sum_rows=False)
     s1, s2 = s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1)
     gamma = None if weight is None else weight.to(mean_in.dtype).view(1, channels, 1, 1)
     gs1, gs2 = (s1, s2) if gamma is None else (s1 * gamma, s2 * gamma)

@@ -6,15 +6,17 @@
 //     GN/IN/LN over (N, G, C/G, L):   n_outer = N, n_inner = G, n_seg = C/G, segments are channels
 //     BN over (N, C, 1, L):           n_outer = 1, n_inner = C, n_seg = N, segments are samples
 //     LN over rows (R, W):            n_outer = R, one segment per set, γ and β per element (`per_element`)
-// A set's segments are read three times (shift, centred moments, output), but a set is small enough to
-// stay in the L2 cache, so memory sees one read of x and one write of y; the backward likewise reads x
-// and dy once and writes dx once. Sums run in the compute type (float; double for double inputs) over
-// chunks and accumulate in double. Statistics are the corrected two-pass  μ = s + Σd/m,
-// σ² = (Σd² − (Σd)²/m)/m  with d = x − s and s the first pass's mean: exact under large offsets. Sets run in parallel (OpenMP; the
+// A set's values are read three times (shift, centred moments, output), but a set usually stays in the L2
+// cache, so memory sees one read of x and one write of y (a larger set: two reads, see `set_moments`); the
+// backward likewise reads x and dy once and writes dx once. Sums run in the compute type (float; double for
+// double inputs) over chunks and accumulate in double. Statistics are the corrected two-pass
+// μ = s + Σd/m,  σ² = (Σd² − (Σd)²/m)/m  with d = x − s and s the first pass's mean, merged across blocks
+// with Chan's formula: exact under large offsets. Sets run in parallel (OpenMP; the
 // library links the libgomp that torch has loaded, so both share one thread pool).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 #include <immintrin.h>
@@ -73,6 +75,7 @@ template <typename C, typename Body> inline void lane_sums(i64 start, i64 end, B
     }
     C ta = 0, tb = 0;
     for (; l < end; ++l) body(l, ta, tb);
+#pragma omp simd reduction(+ : ta, tb)
     for (int v = 0; v < LANES<C>; ++v) ta += a[v], tb += b[v];
     s1 += ta;
     s2 += tb;
@@ -109,39 +112,59 @@ void grad_sums(const T* dy, const T* x, i64 n, C mu, double& s1, double& s2) {
 
 template <typename C> inline C parameter(const C* p, i64 index, C otherwise) { return p ? p[index] : otherwise; }
 
-// out = a·dy + k·(x − centre) + c for float32 with non-temporal stores: `out` goes to memory without first
-// being read into the cache (a large output is not read back soon; a copy does the same). Returns how many
-// leading elements it wrote (all but a tail shorter than one vector). Callers end with a store fence.
-inline i64 combine_streaming(const float* dy, const float* x, float* out, i64 n, float a, float k, float centre,
-                             float c) {
+// The element-wise pass, one formula for the forward output and the input gradient:
+//     out = a·e_l·dy + (x − centre)·k·f_l + c + g_l
+// with scalars a, k, centre, c and optional per-element e, f, g (LN's γ and β over rows); dy null: no dy term.
+// float32 may use non-temporal stores (`stream`): `out` goes to memory without first being read into the
+// cache, as a large copy does — a large output is not read back soon. Callers end with a store fence.
+struct Terms {
+    const float *e = nullptr, *f = nullptr, *g = nullptr;
+};
+
 #if defined(__AVX512F__)
-    constexpr i64 lanes = 16;
-    i64 l = 0;
-    for (; l < n && (reinterpret_cast<uintptr_t>(out + l) % (lanes * sizeof(float))) != 0; ++l)
-        out[l] = (dy ? a * dy[l] : 0.0f) + k * (x[l] - centre) + c;
-    const __m512 va = _mm512_set1_ps(a), vk = _mm512_set1_ps(k), vcentre = _mm512_set1_ps(centre),
-                 vc = _mm512_set1_ps(c);
-    for (; l + lanes <= n; l += lanes) {
-        __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + l), vcentre), vk, vc);
-        if (dy) v = _mm512_fmadd_ps(va, _mm512_loadu_ps(dy + l), v);
-        _mm512_stream_ps(out + l, v);
-    }
-    return l;
+using vec = __m512;
+constexpr i64 VEC = 16;
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vset(float v) { return _mm512_set1_ps(v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline void vstream(float* p, vec v) { _mm512_stream_ps(p, v); }
 #elif defined(__AVX__)
-    constexpr i64 lanes = 8;
+using vec = __m256;
+constexpr i64 VEC = 8;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vset(float v) { return _mm256_set1_ps(v); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_add_ps(_mm256_mul_ps(a, b), c); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline void vstream(float* p, vec v) { _mm256_stream_ps(p, v); }
+#else
+constexpr i64 VEC = 0;  // no streaming stores: the plain loop below does all
+#endif
+
+// The streamed part of `combine` for float32: returns how many leading elements it wrote.
+inline i64 combine_streaming(const float* dy, const float* x, float* out, i64 n, float a, float k, float centre,
+                             float c, Terms t) {
+#if defined(__AVX512F__) || defined(__AVX__)
+    const auto element = [&](i64 l) {
+        const float dterm = dy ? a * (t.e ? t.e[l] : 1.0f) * dy[l] : 0.0f;
+        return dterm + (x[l] - centre) * k * (t.f ? t.f[l] : 1.0f) + c + (t.g ? t.g[l] : 0.0f);
+    };
     i64 l = 0;
-    for (; l < n && (reinterpret_cast<uintptr_t>(out + l) % (lanes * sizeof(float))) != 0; ++l)
-        out[l] = (dy ? a * dy[l] : 0.0f) + k * (x[l] - centre) + c;
-    const __m256 va = _mm256_set1_ps(a), vk = _mm256_set1_ps(k), vcentre = _mm256_set1_ps(centre),
-                 vc = _mm256_set1_ps(c);
-    for (; l + lanes <= n; l += lanes) {
-        __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + l), vcentre), vk), vc);
-        if (dy) v = _mm256_add_ps(_mm256_mul_ps(va, _mm256_loadu_ps(dy + l)), v);
-        _mm256_stream_ps(out + l, v);
+    for (; l < n && reinterpret_cast<uintptr_t>(out + l) % (VEC * sizeof(float)) != 0; ++l) out[l] = element(l);
+    const vec va = vset(a), vk = vset(k), vcentre = vset(centre), vc = vset(c);
+    for (; l + VEC <= n; l += VEC) {
+        const vec scale = t.f ? vmul(vk, vload(t.f + l)) : vk;
+        vec v = vfma(vsub(vload(x + l), vcentre), scale, t.g ? vadd(vc, vload(t.g + l)) : vc);
+        if (dy) v = vfma(t.e ? vmul(va, vload(t.e + l)) : va, vload(dy + l), v);
+        vstream(out + l, v);
     }
     return l;
 #else
-    (void)dy, (void)x, (void)out, (void)n, (void)a, (void)k, (void)centre, (void)c;
+    (void)dy, (void)x, (void)out, (void)n, (void)a, (void)k, (void)centre, (void)c, (void)t;
     return 0;
 #endif
 }
@@ -152,36 +175,79 @@ inline void store_fence() {
 #endif
 }
 
-// out = a·dy + k·(x − centre) + c;  dy null: no a·dy term.  `stream`: non-temporal stores (float32 only)
-template <typename T, typename C = typename Compute<T>::type>
-void combine(const T* dy, const T* x, T* out, i64 n, C a, C k, C centre, C c, bool stream = false) {
+template <typename C> inline C term(const C* p, i64 l, C otherwise) { return p ? p[l] : otherwise; }
+
+template <typename T> using compute_t = typename Compute<T>::type;  // (not deduced from arguments)
+
+template <typename T, typename C = compute_t<T>>
+void combine(const T* dy, const T* x, T* out, i64 n, compute_t<T> a, compute_t<T> k, compute_t<T> centre,
+             compute_t<T> c, const compute_t<T>* e = nullptr, const compute_t<T>* f = nullptr,
+             const compute_t<T>* g = nullptr, bool stream = false) {
     if constexpr (std::is_same_v<T, float>) {
         if (stream) {
-            const i64 done = combine_streaming(dy, x, out, n, a, k, centre, c);
+            const i64 done = combine_streaming(dy, x, out, n, a, k, centre, c, {e, f, g});
+            if (done == n) return;
             dy = dy ? dy + done : nullptr, x += done, out += done, n -= done;
+            e = e ? e + done : nullptr, f = f ? f + done : nullptr, g = g ? g + done : nullptr;
         }
     }
-    if (dy == nullptr) {
+    if (dy == nullptr && f == nullptr && g == nullptr) {
 #pragma omp simd
         for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(k * (load(x[l]) - centre) + c);
-    } else {
+    } else if (dy == nullptr) {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l)
+            out[l] = store<T, C>((load(x[l]) - centre) * k * term<C>(f, l, 1) + c + term<C>(g, l, 0));
+    } else if (e == nullptr) {
 #pragma omp simd
         for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(a * load(dy[l]) + k * (load(x[l]) - centre) + c);
+    } else {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l)
+            out[l] = store<T, C>(a * e[l] * load(dy[l]) + k * (load(x[l]) - centre) + c);
     }
 }
 
-// The same with γ, β per element (LN over rows): out = (x − μ)·r·γ_l + β_l, or r·γ_l·dy + k·(x − μ) + c
-template <typename T, typename C = typename Compute<T>::type>
-void combine_elementwise(const T* dy, const T* x, T* out, i64 n, const C* w, const C* b, C r, C k, C mu, C c) {
-    if (dy == nullptr) {
-#pragma omp simd
-        for (i64 l = 0; l < n; ++l)
-            out[l] = store<T, C>((load(x[l]) - mu) * r * parameter<C>(w, l, 1) + parameter<C>(b, l, 0));
-    } else {
-#pragma omp simd
-        for (i64 l = 0; l < n; ++l)
-            out[l] = store<T, C>(r * parameter<C>(w, l, 1) * load(dy[l]) + k * (load(x[l]) - mu) + c);
+// Count, mean and M2 = Σ (x − mean)² of a run of values; `merge` pools two (Chan et al.), exactly enough
+// for any offset since it combines centred quantities.
+struct Moments {
+    double n = 0, mean = 0, m2 = 0;
+    void merge(const Moments& o) {
+        const double total = n + o.n, delta = o.mean - mean;
+        if (o.n == 0) return;
+        mean += delta * (o.n / total);
+        m2 += o.m2 + delta * delta * (n * o.n / total);
+        n = total;
     }
+};
+
+// The corrected two-pass moments of `n` values: the first pass's mean s, then Σd and Σd² with d = x − s.
+template <typename T, typename C = typename Compute<T>::type> Moments two_pass(const T* x, i64 n, Moments acc = {}) {
+    const C shift = C(sum(x, n) / double(n));
+    double d1 = 0, d2 = 0;
+    centred_sums(x, n, shift, d1, d2);
+    acc.merge({double(n), double(shift) + d1 / double(n), std::fmax(d2 - d1 * d1 / double(n), 0.0)});
+    return acc;
+}
+
+// A set's moments. A set that fits the L1/L2 cache is read twice (two_pass over all its segments); a larger
+// one in blocks of BLOCK values, each two-pass while in L1 and merged: memory sees one read either way.
+constexpr i64 SMALL_SET = 1 << 14, BLOCK = 1 << 12;
+
+template <typename T, typename C = typename Compute<T>::type> Moments set_moments(const T* x, const Sets& s) {
+    if (s.n_seg * s.len <= SMALL_SET) {
+        double total = 0, d1 = 0, d2 = 0;
+        const double m = double(s.n_seg) * double(s.len);
+        for (i64 j = 0; j < s.n_seg; ++j) total += sum(x + j * s.step, s.len);
+        const C shift = C(total / m);
+        for (i64 j = 0; j < s.n_seg; ++j) centred_sums(x + j * s.step, s.len, shift, d1, d2);
+        return {m, double(shift) + d1 / m, std::fmax(d2 - d1 * d1 / m, 0.0)};
+    }
+    Moments acc;
+    for (i64 j = 0; j < s.n_seg; ++j)
+        for (i64 start = 0; start < s.len; start += BLOCK)
+            acc = two_pass(x + j * s.step + start, (start + BLOCK < s.len ? BLOCK : s.len - start), acc);
+    return acc;
 }
 
 // y = (x − μ)·rstd·γ + β per set; mean, rstd (and var, the biased σ², where given) per set. y null: statistics only.
@@ -193,11 +259,8 @@ void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var,
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (i64 k = 0; k < sets; ++k) {
         const i64 i = k % s.n_inner, base = (k / s.n_inner) * s.outer + i * s.inner;
-        double total = 0, d1 = 0, d2 = 0;
-        for (i64 j = 0; j < s.n_seg; ++j) total += sum(x + base + j * s.step, s.len);
-        const C shift = C(total / m);
-        for (i64 j = 0; j < s.n_seg; ++j) centred_sums(x + base + j * s.step, s.len, shift, d1, d2);
-        const double mu = double(shift) + d1 / m, sigma2 = std::fmax((d2 - d1 * d1 / m) / m, 0.0);
+        const Moments moments = set_moments(x + base, s);
+        const double mu = moments.mean, sigma2 = moments.m2 / m;
         const C r = C(1.0 / std::sqrt(sigma2 + eps));
         mean[k] = C(mu);
         rstd[k] = r;
@@ -205,12 +268,12 @@ void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var,
         if (y == nullptr) continue;
         for (i64 j = 0; j < s.n_seg; ++j) {
             const i64 at = base + j * s.step;
-            if (s.per_element) {
-                combine_elementwise<T>(nullptr, x + at, y + at, s.len, w, b, r, C(0), C(mu), C(0));
+            if (s.per_element) {  // γ_l and β_l
+                combine<T>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream);
             } else {
                 const i64 ch = i * s.ch_inner + j * s.ch_seg;
                 combine<T>(nullptr, x + at, y + at, s.len, C(0), r * parameter<C>(w, ch, 1), C(mu),
-                           parameter<C>(b, ch, 0), s.stream);
+                           parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
             }
         }
         if (s.stream) store_fence();
@@ -221,10 +284,12 @@ void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var,
 //     dx = r·(g − mean(g) − x̂·mean(g·x̂)) = r·γ·dy + k·(x − μ) + c,  k = −r³·Σ g(x − μ)/m,  c = −r·Σ g/m
 // Parameter-gradient partials Σ dy·x̂ and Σ dy go to dw_part / db_part (either may be null). Per channel:
 // slot [o][channel], each written by the one set that holds it. Per element (one segment per set):
-// accumulated into row [thread][element], which the caller zeroes. dx null: the sums only.
+// accumulated into row [thread][element], which the caller zeroes. With `sum_rows` row 0 ends up holding
+// the sums over rows, dγ and dβ (Switchable Norm keeps the rows: its sets are (n, c) cells, whose sums it
+// mixes). dx null: the sums only.
 template <typename T, typename C = typename Compute<T>::type>
 void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C* rstd, C* dw_part, C* db_part,
-              const Sets& s, int threads) {
+              const Sets& s, bool sum_rows, int threads) {
     const i64 sets = s.n_outer * s.n_inner;
     const double m = double(s.n_seg) * double(s.len);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -266,14 +331,18 @@ void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C
         const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
         for (i64 j = 0; j < s.n_seg; ++j) {
             const i64 at = base + j * s.step;
-            if (s.per_element)
-                combine_elementwise<T>(dy + at, x + at, dx + at, s.len, w, static_cast<const C*>(nullptr), r, kx, mu, c);
+            if (s.per_element)  // γ_l
+                combine<T>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream);
             else
                 combine<T>(dy + at, x + at, dx + at, s.len, r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx,
-                           mu, c, s.stream);
+                           mu, c, nullptr, nullptr, nullptr, s.stream);
         }
         if (s.stream) store_fence();
     }
+    const i64 rows = !sum_rows ? 0 : s.per_element ? threads : s.n_outer;
+    for (C* part : {dw_part, db_part})
+        for (i64 row = 1; part != nullptr && row < rows; ++row)
+            for (i64 ch = 0; ch < s.channels; ++ch) part[ch] += part[row * s.channels + ch];
 }
 
 // out = a·dy + k·(x − centre) + c with one (a, k, centre, c) per cell of `len` contiguous elements (dy and a
@@ -284,7 +353,8 @@ void cell_combine(const T* dy, const T* x, T* out, const C* a, const C* k, const
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (i64 q = 0; q < cells; ++q) {
         const i64 at = q * len;
-        combine<T>(dy ? dy + at : nullptr, x + at, out + at, len, parameter<C>(a, q, 0), k[q], centre[q], c[q], stream);
+        combine<T>(dy ? dy + at : nullptr, x + at, out + at, len, parameter<C>(a, q, 0), k[q], centre[q], c[q], nullptr,
+                   nullptr, nullptr, stream);
         if (stream) store_fence();
     }
 }
@@ -318,7 +388,7 @@ int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, 
 }
 
 int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* w, const void* mean,
-                const void* rstd, void* dw_part, void* db_part, const int64_t* geometry, int threads) {
+                const void* rstd, void* dw_part, void* db_part, const int64_t* geometry, int sum_rows, int threads) {
     Sets s;
     std::memcpy(&s, geometry, sizeof s);
     return dispatch(dtype, [&](auto tag) {
@@ -326,7 +396,7 @@ int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* 
         using C = typename Compute<T>::type;
         backward<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const C*>(w),
                     static_cast<const C*>(mean), static_cast<const C*>(rstd), static_cast<C*>(dw_part),
-                    static_cast<C*>(db_part), s, threads);
+                    static_cast<C*>(db_part), s, sum_rows != 0, threads);
     });
 }
 
