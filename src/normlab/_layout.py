@@ -79,7 +79,9 @@ def to_view(x: Tensor, groups: int) -> tuple[Tensor, FeatureView]:
 
 
 def from_view(yv: Tensor, view: FeatureView) -> Tensor:
-    """Inverse of `to_view`: the input's shape, with channels_last layout kept."""
+    """Inverse of `to_view`: the input's shape, with channels_last layout kept (``yv`` may have it already)."""
+    if tuple(yv.shape) == view.input_shape and not view.channels_last:
+        return yv
     if view.channels_last:
         n, c, *spatial = view.input_shape
         return yv.reshape(n, *spatial, c).movedim(-1, 1)

@@ -51,10 +51,15 @@ def needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None):
+def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None, input: Tensor | None = None):
     """(yv, mean, rstd, var) of the view ``xv`` normalized over ``spec.dims``; the statistics are not
-    differentiable, and var may be None (get it with `normlab.kernels.contract.variance`)."""
+    differentiable, and var may be None (get it with `normlab.kernels.contract.variance`). ``input``: the
+    tensor that ``xv`` views; a backend with its own autograd node may take it whole and return y in its shape
+    (`normlab._layout.from_view` takes either)."""
     chosen = select_backend(backend, xv, spec)
+    own_node = getattr(chosen, "apply", None)  # a backend with its own autograd node (see `contract`)
+    if own_node is not None:
+        return own_node(xv, weight, bias, spec, eps, input)
     if not needs_graph(xv, weight, bias):  # inference: no autograd node to record
         shape = spec.affine_shape
         wv = weight.reshape(shape) if weight is not None else None

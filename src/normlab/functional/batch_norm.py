@@ -50,7 +50,7 @@ def batch_norm(
 
     xv, view = to_view(input, channels)
     spec = NormSpec(view.batch_dims, view.affine_shape(channels), view)
-    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend)
+    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend, input)
     update_running(running_mean, mean, momentum)
     if running_var is not None:
         update_running(running_var, variance(var, rstd, eps) * (per_channel / (per_channel - 1)), momentum)

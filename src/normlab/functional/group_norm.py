@@ -29,5 +29,5 @@ def group_norm(
     check_channel_params(channels, who, weight=weight, bias=bias)
     xv, view = to_view(input, num_groups)
     spec = NormSpec(view.group_dims, view.affine_shape(num_groups), view)
-    yv = normalize(xv, spec, weight, bias, eps, backend)[0]
+    yv = normalize(xv, spec, weight, bias, eps, backend, input)[0]
     return from_view(yv, view)

@@ -53,7 +53,7 @@ def instance_norm(
         )
     xv, view = to_view(input, channels)
     spec = NormSpec(view.group_dims, view.affine_shape(channels), view)
-    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend)
+    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend, input)
     if running_mean is not None:
         update_running(running_mean, mean.mean(0), momentum)
     if running_var is not None:

@@ -55,8 +55,8 @@ def layer_norm(
         yv = normalize(moved.reshape(-1, width), NormSpec((1,), (1, width)), weight, bias, eps, backend)[0]
         return yv.reshape(moved.shape).movedim(-1, 1)
     xv = input.reshape(-1, width)
-    yv = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend)[0]
-    out = yv.reshape(input.shape)
+    yv = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend, input)[0]
+    out = yv if yv.shape == input.shape else yv.reshape(input.shape)
     if is_channels_last(input) and input.dim() in (4, 5):
         fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
         out = out.contiguous(memory_format=fmt)

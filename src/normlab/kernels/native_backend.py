@@ -1,4 +1,5 @@
-"""The native CPU backend: normlab's own kernels (`native_cpu.cpp`) for float32, bfloat16 and float64 CPU tensors.
+"""The native CPU backend: normlab's own kernels (`native_cpu.cpp`) for float32, bfloat16 and float64 CPU tensors,
+and its own autograd node for them (`native_ops.cpp`).
 
 Why: on the CPU torch's batch norm in training, and instance norm (computed as a batch norm), take several
 passes over memory; its group- and layer-norm kernels round the mean and cancel under large offsets. The
@@ -13,9 +14,16 @@ and Switchable Norm (two passes forward, as its statistics mix across cells). St
 arithmetic are float32 (float64 for float64 inputs). Channels_last and float16 inputs, other devices and
 torch.compile tracing go to the next backend ("cpu", then "torch").
 
-Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``) into
-``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by the source, the flags and the CPU; when that
-fails a warning says why and "auto" uses the other backends. ``NORMLAB_NATIVE=0`` turns it off.
+Per-call overhead: BN/LN/IN/GN calls from normlab.functional go through `apply`, the operator
+``normlab::feature_norm`` with its autograd node in C++ (the contract of `kernels.autograd`, see
+native_ops.cpp): a Python autograd.Function alone costs more per call than torch.nn's whole GroupNorm.
+The backend's `forward`/`backward` (the contract's functions, used by Switchable Norm's passes and by
+callers of the contract) reach the same kernels through ctypes.
+
+Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``; torch's
+headers and libraries) into ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by the sources, the
+flags, torch's version and the CPU — about 20 s, once. When that fails a warning says why and "auto" uses the
+other backends. ``NORMLAB_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -36,14 +44,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from normlab._stats import stats_dtype
+from normlab._stats import moments, stats_dtype
 from normlab.kernels import torch_backend
 from normlab.kernels.contract import NormSpec, SwitchSpec
 
 name = "native"
 
-SOURCE = Path(__file__).with_name("native_cpu.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+SOURCES = (Path(__file__).with_name("native_cpu.cpp"), Path(__file__).with_name("native_ops.cpp"))
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
 STREAM_MIN = 1 << 23  # outputs of this many bytes and more are written past the cache (non-temporal stores)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the .cpp's dtype codes
@@ -72,12 +80,22 @@ def _cpu_tag() -> str:
     return platform.processor() or platform.machine()
 
 
+def _torch_flags() -> list[str]:
+    """Compiling and linking against the running torch (headers, C++ ABI, libraries)."""
+    root = Path(torch.__file__).parent
+    lib = root / "lib"
+    return [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-L{lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{lib}"]
+
+
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, renamed: concurrent builds are safe
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, *_torch_flags()]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -92,14 +110,15 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("NORMLAB_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_tag(), sys.platform]).encode()
-    ).hexdigest()[:16]
+    key = hashlib.sha256("\0".join(
+        [*(source.read_text() for source in SOURCES), compiler, *FLAGS, torch.__version__, _cpu_tag(), sys.platform]
+    ).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native_cpu-{key}.so"
     try:
         if not target.exists():
             _build(compiler, target)
-        lib = ctypes.CDLL(str(target))  # after torch: its libgomp.so.1 is the one this library links
+        torch.ops.load_library(str(target))  # registers normlab::feature_norm
+        lib = ctypes.CDLL(str(target))  # the same library (after torch: its libgomp.so.1 is the one linked)
     except (OSError, RuntimeError) as err:
         warnings.warn(f"normlab: native CPU kernels unavailable, using ATen's ({err})", RuntimeWarning, stacklevel=2)
         return None
@@ -109,7 +128,27 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.c_int]
     lib.nl_cell_combine.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
                                     ctypes.c_int]
+    _OPS.impl("feature_norm_graph_backward", _graph_backward, "CompositeImplicitAutograd")
     return lib
+
+
+_OPS = torch.library.Library("normlab", "IMPL")  # Python implementations of the library's operators
+
+
+def _graph_backward(dy: Tensor, x: Tensor, weight: Tensor | None, view_shape, dims, affine_shape, eps: float):
+    """normlab::feature_norm's double backward (its node calls this with grad mode on): the torch backend's
+    closed form on statistics recomputed from x, so that autograd records a graph through x, weight and dy —
+    what `kernels.autograd` does for every backend. Returns dx in x's shape, dweight and dbias in the
+    affine shape."""
+    spec = NormSpec(tuple(dims), tuple(affine_shape) or None)
+    xv, dy = x.reshape(view_shape), dy.reshape(view_shape)
+    mean, var = moments(xv, spec.dims)
+    rstd = torch.rsqrt(var + eps)
+    wv = None if weight is None else weight.reshape(spec.affine_shape)
+    needs = (True, weight is not None, spec.affine_shape is not None)
+    dx, dweight, dbias = torch_backend.backward(dy, xv, wv, mean, rstd, spec, needs)
+    none = xv.new_empty(0)  # the schema's stand-in for "not computed"
+    return dx.reshape(x.shape), none if dweight is None else dweight, none if dbias is None else dbias
 
 
 # ---------------------------------------------------------------- what runs here
@@ -143,6 +182,7 @@ class _Plan(NamedTuple):
     """What a call of one shape, dtype and kind passes to the library (cached: small calls are common)."""
 
     geometry: ctypes.Array  # the .cpp's `Sets`
+    op_plan: tuple[int, ...]  # normlab::feature_norm's: `Sets`, threads, rows of partials
     sets: int
     stats_shape: tuple[int, ...]
     channels: int  # parameter-gradient partials per row: channels, or elements for LN over rows
@@ -174,8 +214,8 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
         else:  # batch: the view has groups = C
             geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
             sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
-    return _Plan((_i64 * 12)(*geometry), sets, stats_shape, channels, part_rows, threads, stream, _DTYPES[dtype],
-                 stats_dtype(dtype))
+    return _Plan((_i64 * 12)(*geometry), (*geometry, threads, part_rows), sets, stats_shape, channels, part_rows,
+                 threads, stream, _DTYPES[dtype], stats_dtype(dtype))
 
 
 def _plan_for(xv: Tensor, kind: str) -> _Plan:
@@ -214,13 +254,27 @@ def _sums(dy: Tensor, xv: Tensor, kind: str, dx: Tensor | None, weight, mean: Te
     make = torch.zeros if kind == "rows" else torch.empty  # LN rows: per-thread partials accumulate
     dw_part = make((plan.rows, plan.channels), dtype=plan.acc) if need_dweight else None
     db_part = make((plan.rows, plan.channels), dtype=plan.acc) if need_dbias else None
-    library().nl_backward(plan.code, dy.data_ptr(), xv.data_ptr(), _addr(dx), _addr(w), mean.contiguous().data_ptr(),
-                          rstd.contiguous().data_ptr(), _addr(dw_part), _addr(db_part), plan.geometry, int(sum_rows),
-                          plan.threads)
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # held while the kernel reads them
+    library().nl_backward(plan.code, dy.data_ptr(), xv.data_ptr(), _addr(dx), _addr(w), mean.data_ptr(),
+                          rstd.data_ptr(), _addr(dw_part), _addr(db_part), plan.geometry, int(sum_rows), plan.threads)
     return dw_part, db_part
 
 
 # ---------------------------------------------------------------- BN, LN, IN, GN
+
+def apply(xv: Tensor, weight, bias, spec: NormSpec, eps: float, input: Tensor | None = None):
+    """``FeatureNormFunction.apply`` for this backend: (y, mean, rstd, var) with the autograd node in C++
+    (see the module docstring). ``weight``/``bias`` in their own shapes. ``input``: the tensor ``xv`` views;
+    when contiguous the node takes it whole and y has its shape — no view nodes in the graph."""
+    plan = _plan_for(xv, _kind(spec))
+    x = input if input is not None and input.is_contiguous() else xv
+    return _feature_norm(x, weight, bias, plan.op_plan, plan.stats_shape, xv.shape, spec.dims,
+                         spec.affine_shape or (), eps)
+
+
+def _feature_norm(*args):
+    return torch.ops.normlab.feature_norm.default(*args)
+
 
 def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):
     y = torch.empty_like(xv)

@@ -1,0 +1,170 @@
+// The native feature norm as a PyTorch operator with its autograd node in C++ (see native_backend.py).
+//
+// A small call (the study's batch of 2) costs little more than its per-call overhead, and a Python
+// autograd.Function alone costs more per call than all of torch.nn's GroupNorm. So calls that run on the
+// native kernels go through `normlab::feature_norm`, whose node keeps the contract of kernels/autograd.py:
+//     saved       the input (no copy) and the O(N·C) statistics mean and rstd
+//     backward    the kernels' closed form (nl_backward)
+//     double      when the backward itself is differentiated (grad mode on inside it): the portable torch
+//     backward    backend's closed form on statistics recomputed from x, through the Python operator
+//                 `normlab::feature_norm_graph_backward` (native_backend.py) — one formula, in one place.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, void* mean, void* rstd, void* var,
+               const int64_t* geometry, double eps, int threads);
+int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* w, const void* mean,
+                const void* rstd, void* dw_part, void* db_part, const int64_t* geometry, int sum_rows, int threads);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int dtype_code(at::ScalarType t) {  // native_cpu.cpp's codes
+    switch (t) {
+        case at::kFloat: return 0;
+        case at::kBFloat16: return 1;
+        case at::kDouble: return 2;
+        default: TORCH_CHECK(false, "normlab::feature_norm: expected float32, bfloat16 or float64, got ", t);
+    }
+}
+
+at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+const void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// A parameter as the contiguous statistics-dtype values the kernels read (undefined stays undefined).
+at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
+    return p.defined() ? p.to(acc).contiguous() : p;
+}
+
+// The call's geometry as Python's plan gives it: the 12 fields of `Sets`, then threads and the partial rows.
+struct Plan {
+    std::vector<int64_t> geometry;
+    int threads;
+    int64_t rows, channels;
+
+    explicit Plan(at::IntArrayRef plan)
+        : geometry(plan.begin(), plan.begin() + 12), threads(int(plan[12])), rows(plan[13]), channels(plan[9]) {
+        TORCH_CHECK(plan.size() == 14, "normlab::feature_norm: a plan holds 14 values, got ", plan.size());
+    }
+};
+
+// y, mean, rstd, var (the biased σ²) of one call
+variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          at::IntArrayRef plan_values, at::IntArrayRef stats_shape, double eps) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "normlab::feature_norm: a contiguous CPU input");
+    const Plan plan(plan_values);
+    const auto acc = stats_type(x.scalar_type());
+    const auto options = x.options().dtype(acc);
+    const at::Tensor y = at::empty_like(x), w = kernel_param(weight, acc), b = kernel_param(bias, acc);
+    const at::Tensor mean = at::empty(stats_shape, options), rstd = at::empty(stats_shape, options),
+                     var = at::empty(stats_shape, options);
+    nl_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(), data(w), data(b), mean.data_ptr(),
+               rstd.data_ptr(), var.data_ptr(), plan.geometry.data(), eps, plan.threads);
+    return {y, mean, rstd, var};
+}
+
+struct FeatureNorm : public torch::autograd::Function<FeatureNorm> {
+    // weight, bias: optionals, as an absent one is no input of the node (its gradient edges are x's, then
+    // weight's and bias's where given)
+    static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight_,
+                                 const std::optional<at::Tensor>& bias_, at::IntArrayRef plan_values,
+                                 at::IntArrayRef stats_shape,
+                                 at::IntArrayRef view_shape, at::IntArrayRef dims, at::IntArrayRef affine_shape,
+                                 double eps) {
+        const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
+        auto out = run_forward(x, weight, bias, plan_values, stats_shape, eps);
+        const at::Tensor &mean = out[1], &rstd = out[2], &var = out[3];
+        const auto acc = mean.scalar_type();
+        ctx->save_for_backward({x, weight, mean, rstd});
+        ctx->saved_data["plan"] = plan_values.vec();
+        ctx->saved_data["view_shape"] = view_shape.vec();
+        ctx->saved_data["dims"] = dims.vec();
+        ctx->saved_data["affine_shape"] = affine_shape.vec();
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["has_bias"] = bias.defined();
+        ctx->saved_data["bias_shape"] = bias.defined() ? bias.sizes().vec() : std::vector<int64_t>{};
+        ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.defined() ? bias.scalar_type() : acc);
+        ctx->mark_non_differentiable({mean, rstd, var});
+        return out;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+        const bool has_weight = weight.defined(), has_bias = ctx->saved_data["has_bias"].toBool();
+        const bool need_dx = ctx->needs_input_grad(0), need_dw = has_weight && ctx->needs_input_grad(1),
+                   need_db = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+        const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+        at::Tensor dx, dw, db;
+        if (at::GradMode::is_enabled()) {  // double backward: a graph through x, weight and dy
+            static const auto graph_backward = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("normlab::feature_norm_graph_backward", "")
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                    at::IntArrayRef, at::IntArrayRef, double)>();
+            std::tie(dx, dw, db) = graph_backward.call(dy, x, weight.defined() ? std::optional(weight) : std::nullopt,
+                                                       ctx->saved_data["view_shape"].toIntVector(),
+                                                       ctx->saved_data["dims"].toIntVector(),
+                                                       ctx->saved_data["affine_shape"].toIntVector(),
+                                                       ctx->saved_data["eps"].toDouble());
+        } else {
+            const Plan plan(ctx->saved_data["plan"].toIntVector());
+            const auto acc = mean.scalar_type();
+            // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
+            const auto make = [&](bool needed) {
+                if (!needed) return at::Tensor();
+                const auto options = x.options().dtype(acc);
+                return plan.geometry[10] ? at::zeros({plan.rows, plan.channels}, options)
+                                         : at::empty({plan.rows, plan.channels}, options);
+            };
+            const at::Tensor w = kernel_param(weight, acc);
+            at::Tensor dw_part = make(need_dw), db_part = make(need_db);
+            if (need_dx) dx = at::empty_like(x);
+            nl_backward(dtype_code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
+                        data(w), mean.data_ptr(), rstd.data_ptr(), need_dw ? dw_part.data_ptr() : nullptr,
+                        need_db ? db_part.data_ptr() : nullptr, plan.geometry.data(), 1, plan.threads);
+            if (need_dw) dw = dw_part[0];
+            if (need_db) db = db_part[0];
+        }
+        // parameter gradients in the parameters' own shapes and dtypes
+        if (need_dw) dw = dw.reshape(weight.sizes()).to(weight.scalar_type());
+        if (need_db)
+            db = db.reshape(ctx->saved_data["bias_shape"].toIntVector())
+                     .to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+        return {need_dx ? dx : at::Tensor(), need_dw ? dw : at::Tensor(), need_db ? db : at::Tensor(),
+                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_norm(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef plan, at::IntArrayRef stats_shape, at::IntArrayRef view_shape, at::IntArrayRef dims,
+    at::IntArrayRef affine_shape, double eps) {
+    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+    const bool record = at::GradMode::is_enabled() &&
+                        (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+    const auto out = record ? FeatureNorm::apply(x, weight, bias, plan, stats_shape, view_shape, dims, affine_shape, eps)
+                            : run_forward(x, w, b, plan, stats_shape, eps);  // inference: no node
+    return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(normlab, m) {
+    // x: the input itself, in any shape, or its view (view_shape) that the plan describes; y has x's shape
+    m.def("feature_norm(Tensor x, Tensor? weight, Tensor? bias, int[] plan, int[] stats_shape, int[] view_shape, "
+          "int[] dims, int[] affine_shape, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("feature_norm_graph_backward(Tensor dy, Tensor x, Tensor? weight, int[] view_shape, int[] dims, "
+          "int[] affine_shape, float eps) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(normlab, CompositeImplicitAutograd, m) { m.impl("feature_norm", feature_norm); }
