@@ -45,6 +45,8 @@ class _WeightNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
+        if _fused_applies(v, g, dim):
+            return torch._weight_norm_interface(v, g, dim)[0]
         cdt = stats_dtype(v.dtype, g.dtype)
         v_, g_ = v.to(cdt), g.to(cdt)  # v: (O, ...) ; g: v's shape with 1 on the reduced axes, or ()
         return (v_ * (g_ / norm_except_dim(v_, dim))).to(v.dtype)  # (O, ...)
@@ -58,6 +60,10 @@ class _WeightNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dw: Tensor):
         v, g = ctx.saved_tensors
+        if not torch.is_grad_enabled() and _fused_applies(v, g, ctx.dim) and dw.dtype == v.dtype:
+            norms = norm_except_dim(v, ctx.dim)
+            dv, dg = torch.ops.aten._weight_norm_interface_backward(dw.contiguous(), v, g, norms, ctx.dim)
+            return dv, dg, None
         cdt = stats_dtype(v.dtype, g.dtype, dw.dtype)
         v_, g_, dw_ = v.to(cdt), g.to(cdt), dw.to(cdt)
         n = norm_except_dim(v_, ctx.dim)  # like g
@@ -77,3 +83,12 @@ def weight_normalized(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
     if dim is not None and v.dim():
         dim = dim % v.dim()  # negative dims count from the end
     return _WeightNormFunction.apply(v, g, dim)
+
+
+def _fused_applies(v: Tensor, g: Tensor, dim: int | None) -> bool:
+    """ATen's fused weight-norm kernels (what torch.nn.utils.parametrizations.weight_norm runs; the same
+    closed form, one pass each way) take float32/float64 weights normalized along the first or the last axis.
+    Only their first-order backward is used: torch's own double backward of them fails gradgradcheck
+    (torch 2.13), so a differentiated backward takes the formulas above."""
+    return (v.dtype in (torch.float32, torch.float64) and g.dtype == v.dtype and v.dim() > 1
+            and dim in (0, v.dim() - 1) and g.dim() == v.dim())
