@@ -41,27 +41,22 @@ def _sum_except_dim(t: Tensor, dim: int | None) -> Tensor:
 class _WeightNormFunction(torch.autograd.Function):
     """w = g · v/‖v‖ with SPEC §1's closed-form backward (differentiable again: ‖v‖ is recomputed)."""
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
+    def forward(ctx, v: Tensor, g: Tensor, dim: int | None) -> Tensor:
+        ctx.dim = dim
         if _fused_applies(v, g, dim):
-            return torch._weight_norm_interface(v, g, dim)[0]
+            w, norms = torch._weight_norm_interface(v, g, dim)
+            ctx.save_for_backward(v, g, norms)
+            return w
+        ctx.save_for_backward(v, g, None)
         cdt = stats_dtype(v.dtype, g.dtype)
         v_, g_ = v.to(cdt), g.to(cdt)  # v: (O, ...) ; g: v's shape with 1 on the reduced axes, or ()
         return (v_ * (g_ / norm_except_dim(v_, dim))).to(v.dtype)  # (O, ...)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        v, g, dim = inputs
-        ctx.save_for_backward(v, g)
-        ctx.dim = dim
-
-    @staticmethod
     def backward(ctx, dw: Tensor):
-        v, g = ctx.saved_tensors
-        if not torch.is_grad_enabled() and _fused_applies(v, g, ctx.dim) and dw.dtype == v.dtype:
-            norms = norm_except_dim(v, ctx.dim)
+        v, g, norms = ctx.saved_tensors
+        if norms is not None and not torch.is_grad_enabled() and dw.dtype == v.dtype:
             dv, dg = torch.ops.aten._weight_norm_interface_backward(dw.contiguous(), v, g, norms, ctx.dim)
             return dv, dg, None
         cdt = stats_dtype(v.dtype, g.dtype, dw.dtype)
@@ -87,8 +82,8 @@ def weight_normalized(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
 
 def _fused_applies(v: Tensor, g: Tensor, dim: int | None) -> bool:
     """ATen's fused weight-norm kernels (what torch.nn.utils.parametrizations.weight_norm runs; the same
-    closed form, one pass each way) take float32/float64 weights normalized along the first or the last axis.
-    Only their first-order backward is used: torch's own double backward of them fails gradgradcheck
-    (torch 2.13), so a differentiated backward takes the formulas above."""
-    return (v.dtype in (torch.float32, torch.float64) and g.dtype == v.dtype and v.dim() > 1
-            and dim in (0, v.dim() - 1) and g.dim() == v.dim())
+    closed form, one pass each way, norms accumulated in float32 or better) take weights normalized along the
+    first or the last axis, with g in v's dtype. Only their first-order backward is used: torch's own double
+    backward of them fails gradgradcheck (torch 2.13), so a differentiated backward takes the formulas above."""
+    return (v.dtype.is_floating_point and g.dtype == v.dtype and v.dim() > 1 and dim in (0, v.dim() - 1)
+            and g.dim() == v.dim())
