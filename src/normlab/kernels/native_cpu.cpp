@@ -37,34 +37,26 @@ template <> struct Compute<double> { using type = double; };
 
 inline float load(float v) { return v; }
 inline double load(double v) { return v; }
-inline float load(bf16 v) {
-    uint32_t u = uint32_t(v.bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
+inline float load(bf16 v) { return __builtin_bit_cast(float, uint32_t(v.bits) << 16); }
 
 template <typename T, typename C> inline T store(C v) { return T(v); }
-template <> inline bf16 store<bf16, float>(float f) {  // round to nearest even; NaN stays NaN
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return bf16{uint16_t(u >> 16)};
+template <> inline bf16 store<bf16, float>(float f) {  // round to nearest even; NaN stays NaN (branch-free)
+    const uint32_t u = __builtin_bit_cast(uint32_t, f), rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return bf16{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded)};
 }
 
 struct Sets {
     i64 n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream;
 };
 
-constexpr i64 CHUNK = 1024;  // partial sums in the compute type over at most this many elements, then in double
+constexpr i64 CHUNK = 4096;  // partial sums in the compute type over at most this many elements, then in double
 
 inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUNK : n; }
 
 // Sums over [start, end) with LANES independent accumulators (four 512-bit vectors): the additions do not
 // wait on one another, so a reduction runs at the speed of loads rather than of the adder's latency.
 // body(l, acc1, acc2) adds element l's terms to one lane of each accumulator; returns the two sums.
-template <typename C> constexpr int LANES = 256 / sizeof(C);
+template <typename C> constexpr int LANES = 128 / sizeof(C);
 
 template <typename C, typename Body> inline void lane_sums(i64 start, i64 end, Body body, double& s1, double& s2) {
     C a[LANES<C>] = {}, b[LANES<C>] = {};
