@@ -96,3 +96,37 @@ def test_backend_choice_reaches_normlab_layers(capsys):
     assert report["settings"]["backend"] == "torch" and report["machine"]["device"] == "cpu"
     assert bench.setup("gn", "normlab", (2, 8, 4, 4), torch.float32, backend="torch").layer.backend == "torch"
     assert not hasattr(bench.setup("gn", "torch", (2, 8, 4, 4), torch.float32, backend="torch").layer, "backend")
+
+
+def test_cli_progress_and_save(capsys, tmp_path):
+    """Progress on stderr (stdout keeps only the JSON); --save holds the report, rewritten after each case."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--methods", "gn,in", "--shapes", "2x8x4x4", "--dtypes", "float32", "--reps", "1",
+                 "--warmup", "0", "--json", "--save", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["results"] == json.loads(path.read_text())["results"]
+    assert "[1/2] gn 2x8x4x4 float32 normlab" in captured.err and "[2/2] in 2x8x4x4" in captured.err
+    assert not (tmp_path / "bench.json.tmp").exists()
+
+
+def test_interrupted_run_keeps_completed_cases(capsys, tmp_path, monkeypatch):
+    """Ctrl-C during the second case: the first case's rows are printed and saved, exit status 130."""
+    from normlab.bench import runner
+
+    real_measure, calls = runner.measure, []
+
+    def measure(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--methods", "gn,in", "--shapes", "2x8x4x4", "--dtypes", "float32", "--reps", "1",
+                 "--warmup", "0", "--markdown", "--save", str(path)]) == 130
+    captured = capsys.readouterr()
+    assert "| gn | 2×8×4×4" in captured.out and "| in |" not in captured.out
+    assert "interrupted after 1 of 2 cases" in captured.err
+    saved = json.loads(path.read_text())
+    assert {r["method"] for r in saved["results"]} == {"gn"} and saved["interrupted"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -218,8 +219,12 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed repetitions first (default: 3)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", metavar="DEV", help="where to run, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
-                   help="normlab's kernel (default: auto — Triton on CUDA, the CPU backend on the CPU)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "native", "cpu", "triton"),
+                   help="normlab's kernel (default: auto — Triton on CUDA; on the CPU normlab's native kernels, "
+                        "else ATen's)")
+    p.add_argument("--save", metavar="PATH", default=None,
+                   help="also write the JSON report to PATH, rewritten after every case (an interrupted run "
+                        "keeps what it measured)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of the table")
     out.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
@@ -234,18 +239,38 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    def progress(row: dict) -> None:
-        if not (args.json or args.markdown):
-            shape = "x".join(map(str, row["shape"]))
-            print(f"  {row['method']} {shape} {row['dtype']} {row['provider']}", file=sys.stderr, flush=True)
+    total = len(args.methods) * len(args.shapes) * len(args.dtypes)
+    done = []
+
+    def progress(row: dict) -> None:  # on stderr: stdout carries only the table or the JSON
+        shape = "x".join(map(str, row["shape"]))
+        times = ", ".join(f"{p} {row[p]['ms']:.3f} ms" for p in ("fwd", "bwd", "fwd+bwd") if p in row)
+        print(f"  [{len(done) + 1}/{total}] {row['method']} {shape} {row['dtype']} {row['provider']}: {times}",
+              file=sys.stderr, flush=True)
+
+    def save(report: dict) -> None:  # whole or not at all: written aside, then renamed
+        if args.save:
+            tmp = f"{args.save}.tmp"
+            with open(tmp, "w") as f:
+                f.write(bench.to_json(report))
+            os.replace(tmp, args.save)
+
+    def checkpoint(report: dict) -> None:
+        done.append(None)
+        save(report)
 
     try:
         report = bench.run(args.methods, args.shapes, args.dtypes, args.reps, args.warmup, progress=progress,
-                           device=args.device, backend=args.backend)
+                           device=args.device, backend=args.backend, checkpoint=checkpoint)
     except ValueError as err:
         print(f"normlab bench: error: {err}", file=sys.stderr)
         return 2
+    save(report)
     print(bench.to_json(report) if args.json else bench.markdown(report) if args.markdown else bench.table(report))
+    if report["interrupted"]:
+        print(f"normlab bench: interrupted after {len(done)} of {total} cases; the table holds those",
+              file=sys.stderr)
+        return 130
     return 0
 
 

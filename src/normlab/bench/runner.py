@@ -57,12 +57,15 @@ def run(
     progress: Callable[[dict], None] | None = None,
     device: str = "cpu",
     backend: str = "auto",
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the matrix; returns {"machine", "settings", "results": [one dict per case]}.
 
     Each result: method, provider, baseline (the provider it is compared with), shape, dtype, saved_bytes,
     tensor_bytes and, per pass, ms / clone_ms / x_clone / gbps — plus x_baseline (time ÷ the baseline's
-    time, filled in once both are measured). ``progress`` is called with each result as it is measured.
+    time, filled in once both are measured). ``progress`` is called with each result as it is measured,
+    ``checkpoint`` with the report so far after each (method, shape, dtype) group. Interrupted (Ctrl-C), it
+    returns what was complete, with ``"interrupted": True``.
     ``device`` places every provider's layer and input (CUDA timings synchronize); ``backend`` picks
     normlab's kernel ("auto": Triton on CUDA, the CPU backend on the CPU).
     """
@@ -73,23 +76,28 @@ def run(
     for dtype in dtypes:
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; expected a torch dtype name such as float32 or bfloat16")
-    results = []
-    for dtype in dtypes:
-        for shape in shapes:
-            for method in methods:
-                cases = [setup(method, provider, shape, getattr(torch, dtype), device=device, backend=backend)
-                         for provider in providers(method)]
-                cases = [case for case in cases if case is not None]
-                group = []
-                for case, row in zip(cases, measure(cases, reps, warmup, passes) if cases else [], strict=True):
-                    group.append({"method": method, "provider": case.provider, "baseline": BASELINE[method],
-                                  "shape": list(shape), "dtype": dtype, **row})
-                    if progress is not None:
-                        progress(group[-1])
-                _compare(group, passes)
-                results.extend(group)
     settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes), "backend": backend}
-    return {"machine": machine(device), "settings": settings, "results": results}
+    report = {"machine": machine(device), "settings": settings, "results": [], "interrupted": False}
+    try:
+        for dtype in dtypes:
+            for shape in shapes:
+                for method in methods:
+                    cases = [setup(method, provider, shape, getattr(torch, dtype), device=device, backend=backend)
+                             for provider in providers(method)]
+                    cases = [case for case in cases if case is not None]
+                    group = []
+                    for case, row in zip(cases, measure(cases, reps, warmup, passes) if cases else [], strict=True):
+                        group.append({"method": method, "provider": case.provider, "baseline": BASELINE[method],
+                                      "shape": list(shape), "dtype": dtype, **row})
+                        if progress is not None:
+                            progress(group[-1])
+                    _compare(group, passes)
+                    report["results"].extend(group)
+                    if checkpoint is not None:
+                        checkpoint(report)
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+    return report
 
 
 def _compare(group: list[dict], passes: tuple[str, ...]) -> None:
