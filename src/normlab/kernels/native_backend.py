@@ -53,7 +53,7 @@ name = "native"
 SOURCES = (Path(__file__).with_name("native_cpu.cpp"), Path(__file__).with_name("native_ops.cpp"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
-STREAM_MIN = 1 << 23  # outputs of this many bytes and more are written past the cache (non-temporal stores)
+STREAM_MIN = 1 << 24  # outputs of this many bytes and more are written past the cache (non-temporal stores)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the .cpp's dtype codes
 _compiling = torch.compiler.is_compiling
 _ptr = ctypes.c_void_p
