@@ -70,6 +70,10 @@ CASES = [
     # sets of more than 2^14 values: the native kernels' blocked moments (blocks of 4096, merged)
     Case("bn", (3, 2, 7001)),
     Case("ln", (2, 20000), {"normalized_ndim": 1}),
+    # fewer sets than threads, each of 2·4096 values or more: the native kernels share one set among threads
+    Case("ln", (1, 20000), {"normalized_ndim": 1}),
+    Case("gn", (1, 2, 9000), {"groups": 1}),
+    Case("bn", (3, 1, 5000)),
 ]
 
 LOW_PRECISION = [  # bf16/fp16: ATen's mixed-precision kernels with float32 statistics
@@ -91,7 +95,10 @@ def backend(request):
 @pytest.fixture(params=["small-route", "large-route"])
 def route(request, monkeypatch):
     """Run each case on both sides of the backends' size thresholds."""
-    if request.param == "large-route":
+    if request.param == "large-route":  # and at least two threads, so that work is shared
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, 2))
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
         monkeypatch.setattr(cpu_backend, "SMALL", 0)
         monkeypatch.setattr(cpu_backend, "SWITCH_SMALL", 0)
         monkeypatch.setattr(native_backend, "PARALLEL_MIN", 0)

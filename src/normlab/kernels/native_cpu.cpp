@@ -18,6 +18,8 @@
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
+#include <algorithm>
 
 #include <immintrin.h>
 #include <omp.h>
@@ -242,12 +244,119 @@ template <typename T, typename C = typename Compute<T>::type> Moments set_moment
     return acc;
 }
 
+// Fewer sets than threads (LN over (C, H, W) of one sample, GN(1) of batch 1): each set is split into
+// pieces — blocks of at most BLOCK values of one segment — that the threads share.
+struct Pieces {
+    i64 per_segment, count;
+    explicit Pieces(const Sets& s) : per_segment((s.len + BLOCK - 1) / BLOCK), count(s.n_seg * per_segment) {}
+    i64 segment(i64 p) const { return p / per_segment; }
+    i64 start(i64 p) const { return (p % per_segment) * BLOCK; }
+    i64 size(i64 p, const Sets& s) const { return std::min(BLOCK, s.len - start(p)); }
+};
+
+template <typename T, typename C = typename Compute<T>::type>
+void forward_wide(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
+                  int threads) {
+    const Pieces pieces(s);
+    std::vector<Moments> parts(size_t(pieces.count));
+    for (i64 k = 0; k < s.n_outer * s.n_inner; ++k) {
+        const i64 i = k % s.n_inner, base = (k / s.n_inner) * s.outer + i * s.inner;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (i64 p = 0; p < pieces.count; ++p)
+            parts[p] = two_pass(x + base + pieces.segment(p) * s.step + pieces.start(p), pieces.size(p, s));
+        Moments moments;
+        for (const Moments& part : parts) moments.merge(part);
+        const double mu = moments.mean, sigma2 = moments.m2 / moments.n;
+        const C r = C(1.0 / std::sqrt(sigma2 + eps));
+        mean[k] = C(mu);
+        rstd[k] = r;
+        if (var != nullptr) var[k] = C(sigma2);
+        if (y == nullptr) continue;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (i64 p = 0; p < pieces.count; ++p) {
+            const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
+            if (s.per_element) {
+                combine<T>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r, C(mu), C(0), nullptr,
+                           w ? w + start : nullptr, b ? b + start : nullptr, s.stream);
+            } else {
+                const i64 ch = i * s.ch_inner + j * s.ch_seg;
+                combine<T>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r * parameter<C>(w, ch, 1), C(mu),
+                           parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
+            }
+            if (s.stream) store_fence();
+        }
+    }
+}
+
+template <typename T, typename C = typename Compute<T>::type>
+void backward_wide(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C* rstd, C* dw_part,
+                   C* db_part, const Sets& s, int threads) {
+    const Pieces pieces(s);
+    const double m = double(s.n_seg) * double(s.len);
+    std::vector<double> sums(size_t(2 * pieces.count));  // Σ dy, Σ dy·(x − μ) per piece
+    for (i64 k = 0; k < s.n_outer * s.n_inner; ++k) {
+        const i64 o = k / s.n_inner, i = k % s.n_inner, base = o * s.outer + i * s.inner;
+        const C mu = mean[k], r = rstd[k];
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (i64 p = 0; p < pieces.count; ++p) {
+            const i64 start = pieces.start(p), at = base + pieces.segment(p) * s.step + start, n = pieces.size(p, s);
+            double a = 0, b = 0;
+            if (s.per_element) {  // γ per element: weighted sums, and this thread's row of partials
+                const i64 row = i64(omp_get_thread_num()) * s.len + start;
+                for (i64 l = 0; l < n; ++l) {
+                    const C d = load(dy[at + l]), xc = load(x[at + l]) - mu;
+                    a += d * parameter<C>(w, start + l, 1);
+                    b += d * parameter<C>(w, start + l, 1) * xc;
+                    if (dw_part) dw_part[row + l] += d * xc * r;
+                    if (db_part) db_part[row + l] += d;
+                }
+            } else {
+                grad_sums(dy + at, x + at, n, mu, a, b);
+            }
+            sums[2 * p] = a, sums[2 * p + 1] = b;
+        }
+        double g1 = 0, g2 = 0;  // Σ g, Σ g·(x − μ) with g = γ·dy
+        for (i64 p = 0; p < pieces.count; ++p) {
+            const i64 ch = i * s.ch_inner + pieces.segment(p) * s.ch_seg, slot = o * s.channels + ch;
+            const double gamma = s.per_element ? 1.0 : double(parameter<C>(w, ch, 1));
+            g1 += gamma * sums[2 * p];
+            g2 += gamma * sums[2 * p + 1];
+            if (s.per_element) continue;
+            const bool first = p == 0 || (s.ch_seg != 0 && pieces.start(p) == 0);  // a channel's first piece
+            if (dw_part) dw_part[slot] = (first ? C(0) : dw_part[slot]) + C(sums[2 * p + 1] * r);
+            if (db_part) db_part[slot] = (first ? C(0) : db_part[slot]) + C(sums[2 * p]);
+        }
+        if (dx == nullptr) continue;
+        const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (i64 p = 0; p < pieces.count; ++p) {
+            const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
+            if (s.per_element)
+                combine<T>(dy + at, x + at, dx + at, pieces.size(p, s), r, kx, mu, c, w ? w + start : nullptr,
+                           nullptr, nullptr, s.stream);
+            else
+                combine<T>(dy + at, x + at, dx + at, pieces.size(p, s),
+                           r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx, mu, c, nullptr, nullptr,
+                           nullptr, s.stream);
+            if (s.stream) store_fence();
+        }
+    }
+}
+
+// With `rows` rows of partial parameter sums, row 0 becomes their total.
+template <typename C> void sum_partial_rows(C* dw_part, C* db_part, const Sets& s, i64 rows) {
+    for (C* part : {dw_part, db_part})
+        for (i64 row = 1; part != nullptr && row < rows; ++row)
+            for (i64 ch = 0; ch < s.channels; ++ch) part[ch] += part[row * s.channels + ch];
+}
+
 // y = (x − μ)·rstd·γ + β per set; mean, rstd (and var, the biased σ², where given) per set. y null: statistics only.
 template <typename T, typename C = typename Compute<T>::type>
 void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
              int threads) {
     const i64 sets = s.n_outer * s.n_inner;
     const double m = double(s.n_seg) * double(s.len);
+    if (sets < threads && m >= 2 * BLOCK) return forward_wide(x, y, w, b, mean, rstd, var, s, eps, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (i64 k = 0; k < sets; ++k) {
         const i64 i = k % s.n_inner, base = (k / s.n_inner) * s.outer + i * s.inner;
@@ -284,6 +393,11 @@ void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C
               const Sets& s, bool sum_rows, int threads) {
     const i64 sets = s.n_outer * s.n_inner;
     const double m = double(s.n_seg) * double(s.len);
+    if (sets < threads && m >= 2 * BLOCK) {
+        backward_wide(dy, x, dx, w, mean, rstd, dw_part, db_part, s, threads);
+        sum_partial_rows(dw_part, db_part, s, sum_rows ? (s.per_element ? threads : s.n_outer) : 0);
+        return;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (i64 k = 0; k < sets; ++k) {
         const i64 o = k / s.n_inner, i = k % s.n_inner, base = o * s.outer + i * s.inner;
@@ -331,10 +445,7 @@ void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C
         }
         if (s.stream) store_fence();
     }
-    const i64 rows = !sum_rows ? 0 : s.per_element ? threads : s.n_outer;
-    for (C* part : {dw_part, db_part})
-        for (i64 row = 1; part != nullptr && row < rows; ++row)
-            for (i64 ch = 0; ch < s.channels; ++ch) part[ch] += part[row * s.channels + ch];
+    sum_partial_rows(dw_part, db_part, s, sum_rows ? (s.per_element ? threads : s.n_outer) : 0);
 }
 
 // out = a·dy + k·(x − centre) + c with one (a, k, centre, c) per cell of `len` contiguous elements (dy and a
