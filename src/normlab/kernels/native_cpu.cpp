@@ -188,10 +188,15 @@ void combine(const T* dy, const T* x, T* out, i64 n, compute_t<T> a, compute_t<T
     if (dy == nullptr && f == nullptr && g == nullptr) {
 #pragma omp simd
         for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(k * (load(x[l]) - centre) + c);
+    } else if (dy == nullptr && f != nullptr && g != nullptr) {  // per-element γ and β (a loop each: vectorized)
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k * f[l] + c + g[l]);
+    } else if (dy == nullptr && f != nullptr) {
+#pragma omp simd
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k * f[l] + c);
     } else if (dy == nullptr) {
 #pragma omp simd
-        for (i64 l = 0; l < n; ++l)
-            out[l] = store<T, C>((load(x[l]) - centre) * k * term<C>(f, l, 1) + c + term<C>(g, l, 0));
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k + c + g[l]);
     } else if (e == nullptr) {
 #pragma omp simd
         for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(a * load(dy[l]) + k * (load(x[l]) - centre) + c);
