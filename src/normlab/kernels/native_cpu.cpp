@@ -55,7 +55,7 @@ constexpr i64 CHUNK = 4096;  // partial sums in the compute type over at most th
 
 inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUNK : n; }
 
-// Sums over [start, end) with LANES independent accumulators (four 512-bit vectors): the additions do not
+// Sums over [start, end) with LANES independent accumulators (two 512-bit vectors each): the additions do not
 // wait on one another, so a reduction runs at the speed of loads rather than of the adder's latency.
 // body(l, acc1, acc2) adds element l's terms to one lane of each accumulator; returns the two sums.
 template <typename C> constexpr int LANES = 128 / sizeof(C);
@@ -168,8 +168,6 @@ inline void store_fence() {
     _mm_sfence();
 #endif
 }
-
-template <typename C> inline C term(const C* p, i64 l, C otherwise) { return p ? p[l] : otherwise; }
 
 template <typename T> using compute_t = typename Compute<T>::type;  // (not deduced from arguments)
 

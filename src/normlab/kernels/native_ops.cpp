@@ -51,9 +51,13 @@ struct Plan {
     int threads;
     int64_t rows, channels;
 
-    explicit Plan(at::IntArrayRef plan)
-        : geometry(plan.begin(), plan.begin() + 12), threads(int(plan[12])), rows(plan[13]), channels(plan[9]) {
+    explicit Plan(at::IntArrayRef plan) : geometry(checked(plan).begin(), plan.begin() + 12) {
+        threads = int(plan[12]), rows = plan[13], channels = plan[9];
+    }
+
+    static at::IntArrayRef checked(at::IntArrayRef plan) {
         TORCH_CHECK(plan.size() == 14, "normlab::feature_norm: a plan holds 14 values, got ", plan.size());
+        return plan;
     }
 };
 
