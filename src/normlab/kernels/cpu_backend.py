@@ -338,7 +338,6 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     if xv.numel() <= SWITCH_SMALL or _offset(mean_in, torch.rsqrt(var_in + eps)) > OFFSET_LIMIT:
         return torch_backend.switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
                                              mean_in, var_in, spec, eps, needs)
-    need_dx, need_dweight, need_dbias = needs[:3]
     n, channels, _, positions = xv.shape
     cells = n * channels
     acc = mean_in.dtype
@@ -351,17 +350,13 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
         dy3, x3, torch.ones(cells, dtype=acc), None, None, mean.reshape(cells), rstd.reshape(cells), True, 0.0,
         [False, True, True],
     )
-    s1, s2 = s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1)
-    gamma = None if weight is None else weight.to(acc)
-    gs1, gs2 = (s1, s2) if gamma is None else (s1 * gamma, s2 * gamma)
-    grad_mean = -rstd * gs1
-    grad_var = -0.5 * rstd.square() * gs2
-
-    dx = dweight = dbias = None
-    if need_dx:
-        scale = rstd if gamma is None else rstd * gamma
-        coef, shift = torch_backend.switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec,
-                                                       positions)
+    dx_terms, dweight, dbias, dmean_logits, dvar_logits = torch_backend.switch_grads_from_sums(
+        s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1), weight, mean_in, sources, w, w_var, rstd, spec,
+        positions, needs,
+    )
+    dx = None
+    if dx_terms is not None:
+        scale, coef, shift = dx_terms
         dy_ = dy3.view(n, channels, positions)
         scale = scale.expand(n, channels, 1, 1).reshape(n, channels, 1)
         if coef is None:
@@ -377,9 +372,4 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
                 dx = torch.addcmul(offset, x_, coef)
             dx.addcmul_(dy_, scale)
         dx = dx.to(xv.dtype).view(xv.shape)
-    if need_dweight:
-        dweight = s2.sum(0, keepdim=True).view(spec.affine_shape)
-    if need_dbias:
-        dbias = s1.sum(0, keepdim=True).view(spec.affine_shape)
-    dmean_logits, dvar_logits = torch_backend.switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs[3:])
     return dx, dweight, dbias, dmean_logits, dvar_logits

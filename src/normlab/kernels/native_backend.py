@@ -330,7 +330,6 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     #       Gμ = −r γ S1,   Gσ = −½ r² γ S2
     #       dx = γ r · dy + coef·(x − μ_in) + shift     coef, shift: torch_backend.switch_input_terms; one pass
     #   dγ = Σ_n S2,  dβ = Σ_n S1
-    need_dx, need_dweight, need_dbias = needs[:3]
     n, channels, _, positions = xv.shape
     sources, w, w_var, mean, rstd = torch_backend.switch_mix(
         mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
@@ -339,23 +338,14 @@ def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, runni
     dy = dy.to(xv.dtype).contiguous()
     s2, s1 = _sums(dy, xv, "group", None, None, mean.reshape(n, channels), rstd.reshape(n, channels), True, True,
                    sum_rows=False)
-    s1, s2 = s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1)
-    gamma = None if weight is None else weight.to(mean_in.dtype).view(1, channels, 1, 1)
-    gs1, gs2 = (s1, s2) if gamma is None else (s1 * gamma, s2 * gamma)
-    grad_mean = -rstd * gs1
-    grad_var = -0.5 * rstd.square() * gs2
-
-    dx = dweight = dbias = None
-    if need_dx:
-        scale = rstd if gamma is None else rstd * gamma
-        coef, shift = torch_backend.switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec,
-                                                       positions)
-        if coef is None:
+    dx_terms, dweight, dbias, dmean_logits, dvar_logits = torch_backend.switch_grads_from_sums(
+        s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1), weight, mean_in, sources, w, w_var, rstd, spec,
+        positions, needs,
+    )
+    dx = None
+    if dx_terms is not None:
+        scale, coef, shift = dx_terms
+        if coef is None:  # no batch-dependent source: dx = γ r·dy
             coef = shift = mean_in.new_zeros(1)
         dx = _cell_combine(dy, xv, scale, coef, mean_in, shift)
-    if need_dweight:
-        dweight = s2.sum(0, keepdim=True).view(spec.affine_shape)
-    if need_dbias:
-        dbias = s1.sum(0, keepdim=True).view(spec.affine_shape)
-    dmean_logits, dvar_logits = torch_backend.switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs[3:])
     return dx, dweight, dbias, dmean_logits, dvar_logits

@@ -171,6 +171,30 @@ def switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs):
     return dmean_logits, dvar_logits
 
 
+def switch_grads_from_sums(s1, s2, weight, mean_in, sources, w, w_var, rstd, spec: SwitchSpec, positions: int,
+                           needs):
+    """SN's backward from the per-(n, c) sums of a kernel, S1 = Σ_pos dy and S2 = Σ_pos dy·x̂ ((N, C, 1, 1)):
+
+        Gμ = −r γ S1,   Gσ = −½ r² γ S2,   dγ = Σ_n S2,   dβ = Σ_n S1,   dλ, dλ' (`switch_logit_grads`)
+        dx = scale·dy + coef·(x − μ_in) + shift,   scale = γ r   (coef, shift: `switch_input_terms`)
+
+    Returns ((scale, coef, shift) or None when dx is not needed, dweight, dbias, dmean_logits, dvar_logits);
+    the backend applies dx with its own elementwise pass."""
+    gamma = None if weight is None else weight.to(s1.dtype).reshape(spec.affine_shape)
+    gs1, gs2 = (s1, s2) if gamma is None else (s1 * gamma, s2 * gamma)
+    grad_mean = -rstd * gs1
+    grad_var = -0.5 * rstd.square() * gs2
+    dx_terms = dweight = dbias = None
+    if needs[0]:
+        scale = rstd if gamma is None else rstd * gamma
+        dx_terms = (scale, *switch_input_terms(grad_mean, grad_var, mean_in, sources, w, w_var, spec, positions))
+    if needs[1]:
+        dweight = s2.sum(0, keepdim=True).view(spec.affine_shape)
+    if needs[2]:
+        dbias = s1.sum(0, keepdim=True).view(spec.affine_shape)
+    return (dx_terms, dweight, dbias, *switch_logit_grads(grad_mean, grad_var, sources, w, w_var, needs[3:]))
+
+
 def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
                     mean_in, var_in, spec, eps, needs):
     #   g = dy·γ, r = 1/sqrt(σ² + ε), per (n, c) cell:  Gμ = −r Σ_pos g,   Gσ = −½ r² Σ_pos g·x̂
