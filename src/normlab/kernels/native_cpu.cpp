@@ -13,16 +13,18 @@
 // μ = s + Σd/m,  σ² = (Σd² − (Σd)²/m)/m  with d = x − s and s the first pass's mean, merged across blocks
 // with Chan's formula: exact under large offsets. Sets run in parallel (OpenMP; the
 // library links the libgomp that torch has loaded, so both share one thread pool).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
-#include <algorithm>
 
-#include <immintrin.h>
 #include <omp.h>
+#if defined(__SSE__)
+#include <immintrin.h>  // x86 only: the streaming stores below are compiled out elsewhere
+#endif
 
 namespace {
 
