@@ -90,7 +90,7 @@ def _weight_layer(shape: tuple[int, ...]) -> nn.Module:
 def setup(method: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0,
           device: str | torch.device = "cpu", backend: str = "auto") -> Case | None:
     """The case, or None where it does not apply (shape) or cannot run here (WN module not importable).
-    ``backend`` picks normlab's kernel ("auto", "torch", "cpu", "triton"); baselines ignore it."""
+    ``backend`` picks normlab's kernel ("auto", "torch", "native", "cpu", "triton"); baselines ignore it."""
     if not applies(method, shape):
         return None
     generator = torch.Generator().manual_seed(seed)

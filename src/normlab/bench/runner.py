@@ -67,7 +67,7 @@ def run(
     ``checkpoint`` with the report so far after each (method, shape, dtype) group. Interrupted (Ctrl-C), it
     returns what was complete, with ``"interrupted": True``.
     ``device`` places every provider's layer and input (CUDA timings synchronize); ``backend`` picks
-    normlab's kernel ("auto": Triton on CUDA, the CPU backend on the CPU).
+    normlab's kernel ("auto": Triton on CUDA; on the CPU normlab's native kernels, else ATen's).
     """
     methods, shapes, dtypes = list(methods), [tuple(s) for s in shapes], list(dtypes)
     unknown = [m for m in methods if m not in METHODS]
