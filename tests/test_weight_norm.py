@@ -480,3 +480,21 @@ def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
+
+
+def test_per_sample_gradients_with_torch_func():
+    """vmap(grad(·)) over a batch (per-sample gradients, as in differential privacy) equals one grad per sample."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = weight_norm(nn.Linear(4, 3).double())
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = randn(5, 4, seed=11)
+
+    def loss(p, xi):
+        return functional_call(layer, p, (xi[None],)).square().sum()
+
+    batched = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        single = grad(loss)(params, x[i])
+        for name in params:
+            torch.testing.assert_close(batched[name][i], single[name], rtol=1e-10, atol=1e-10)

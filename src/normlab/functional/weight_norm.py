@@ -41,27 +41,44 @@ def _sum_except_dim(t: Tensor, dim: int | None) -> Tensor:
 class _WeightNormFunction(torch.autograd.Function):
     """w = g · v/‖v‖ with SPEC §1's closed-form backward (differentiable again: ‖v‖ is recomputed)."""
 
-    @staticmethod
-    def forward(ctx, v: Tensor, g: Tensor, dim: int | None) -> Tensor:
-        ctx.dim = dim
-        if _fused_applies(v, g, dim):
-            w, norms = torch._weight_norm_interface(v, g, dim)
-            ctx.save_for_backward(v, g, norms)
-            return w
-        ctx.save_for_backward(v, g, None)
-        cdt = stats_dtype(v.dtype, g.dtype)
-        v_, g_ = v.to(cdt), g.to(cdt)  # v: (O, ...) ; g: v's shape with 1 on the reduced axes, or ()
-        return (v_ * (g_ / norm_except_dim(v_, dim))).to(v.dtype)  # (O, ...)
+    generate_vmap_rule = True  # torch.func transforms (vmap of per-sample gradients) derive their rule
 
     @staticmethod
-    def backward(ctx, dw: Tensor):
+    def forward(v: Tensor, g: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:
+        """(w, ‖v‖): the norms (like g, float32+) are not differentiable; the backward reuses them."""
+        if _fused_applies(v, g, dim):
+            return torch._weight_norm_interface(v, g, dim)
+        cdt = stats_dtype(v.dtype, g.dtype)
+        v_, g_ = v.to(cdt), g.to(cdt)  # v: (O, ...) ; g: v's shape with 1 on the reduced axes, or ()
+        norms = norm_except_dim(v_, dim)
+        return (v_ * (g_ / norms)).to(v.dtype), norms  # (O, ...)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        v, g, dim = inputs
+        ctx.save_for_backward(v, g, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.dim = dim
+
+    @classmethod
+    def apply(cls, v: Tensor, g: Tensor, dim: int | None) -> Tensor:
+        """`Function.apply` without its per-call binding of the signature (`inspect`, about 17 µs here, more
+        than the fused kernel on a small weight) while no torch.func transform is active; under one, as is."""
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(v, g, dim)
+        args = torch._functorch.utils.unwrap_dead_wrappers((v, g, dim))
+        return super(torch.autograd.Function, cls).apply(*args)
+
+    @staticmethod
+    def backward(ctx, dw: Tensor, _dnorms):
         v, g, norms = ctx.saved_tensors
-        if norms is not None and not torch.is_grad_enabled() and dw.dtype == v.dtype:
+        if not torch.is_grad_enabled() and _fused_applies(v, g, ctx.dim) and dw.dtype == v.dtype:
             dv, dg = torch.ops.aten._weight_norm_interface_backward(dw.contiguous(), v, g, norms, ctx.dim)
             return dv, dg, None
         cdt = stats_dtype(v.dtype, g.dtype, dw.dtype)
         v_, g_, dw_ = v.to(cdt), g.to(cdt), dw.to(cdt)
-        n = norm_except_dim(v_, ctx.dim)  # like g
+        # like g; recomputed when this backward is differentiated (a function of v again)
+        n = norm_except_dim(v_, ctx.dim) if torch.is_grad_enabled() else norms.to(cdt)
         # ∇g = Σ ∇w · v / ‖v‖                      (sum over every axis but dim)
         # ∇v = (g/‖v‖) ∇w − (g ∇g / ‖v‖²) v        (so ∇v ⟂ v)
         dg = _sum_except_dim(dw_ * v_, ctx.dim) / n  # like g
@@ -77,7 +94,7 @@ def weight_normalized(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
     """
     if dim is not None and v.dim():
         dim = dim % v.dim()  # negative dims count from the end
-    return _WeightNormFunction.apply(v, g, dim)
+    return _WeightNormFunction.apply(v, g, dim)[0]
 
 
 def _fused_applies(v: Tensor, g: Tensor, dim: int | None) -> bool:
