@@ -11,6 +11,7 @@ a large common offset and constant inputs stay exact, float64 gradcheck, and wha
 backward.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -373,3 +374,32 @@ def test_saves_only_input_and_statistics(case, backend, route):
     small = 4 * 8 * 2 * 8  # mean and rstd per (n, c) in float64-sized slots: generous O(N·C)
     assert x.untyped_storage().data_ptr() in storages
     assert sum(storages.values()) <= x.numel() * x.element_size() + params + small
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_native_contract_functions_match_torch_backend(dtype, route):
+    """The native backend's contract `forward`/`backward` (the ctypes path; normlab.functional uses its C++
+    node, `apply`) agree with the portable torch backend on every kind of view."""
+    if native_backend.library() is None:
+        pytest.skip("the native kernels could not be built here (see the warning)")
+    from normlab.kernels import torch_backend
+
+    tol = F64_TOL if dtype == torch.float64 else TOL[dtype]
+    x = randn(4, 6, 5, 3, seed=1, dtype=dtype)
+    calls = [(randn(7, 20, seed=5, dtype=dtype), NormSpec((1,), (1, 20)))]  # LN over trailing dims
+    for groups, dims_of in ((3, "group_dims"), (6, "batch_dims")):  # GN, BN
+        xv, view = to_view(x, groups)
+        calls.append((xv, NormSpec(getattr(view, dims_of), view.affine_shape(groups), view)))
+    for xv, spec in calls:
+        channels = math.prod(spec.affine_shape)
+        w = (1 + 0.5 * randn(channels, seed=2, dtype=dtype)).view(spec.affine_shape)
+        b = randn(channels, seed=3, dtype=dtype).view(spec.affine_shape)
+        dy = randn(*xv.shape, seed=4, dtype=dtype)
+        got, want = native_backend.forward(xv, w, b, spec, EPS), torch_backend.forward(xv, w, b, spec, EPS)
+        for g, t in zip(got[:3], want[:3], strict=True):
+            torch.testing.assert_close(g, t.to(g.dtype), **tol)
+        needs = (True, True, True)
+        grads = native_backend.backward(dy, xv, w, want[1], want[2], spec, needs)
+        expected = torch_backend.backward(dy, xv, w, want[1], want[2], spec, needs)
+        for g, t in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, t.to(g.dtype), **tol)
