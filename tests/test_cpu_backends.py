@@ -84,6 +84,7 @@ LOW_PRECISION = [  # bf16/fp16: ATen's mixed-precision kernels with float32 stat
     Case("gn", (2, 6, 4, 3), {"groups": 3}),
     Case("in", (2, 5, 3, 3)),
     Case("ln", (3, 2, 16), {"normalized_ndim": 1}),
+    Case("ln", (1, 5, 4096), {"normalized_ndim": 2}),  # one long row: blocked, or shared by the threads
     Case("sn", (2, 3, 4, 5)),
 ]
 
@@ -214,10 +215,14 @@ def test_matches_reference_and_torch_backend(case, dtype, backend, route):
 
 @pytest.mark.parametrize("case", LOW_PRECISION, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_low_precision(case, dtype, backend, route):
-    """Output and gradients are the float64 result rounded to the input dtype (conftest's tolerances)."""
+@pytest.mark.parametrize("params", ["float32", "input"], ids=["float32-params", "input-dtype-params"])
+def test_low_precision(case, dtype, params, backend, route):
+    """Output and gradients are the float64 result rounded to the input dtype (conftest's tolerances), with
+    float32 parameters or parameters in the input's dtype (the native kernels read LN's per-element ones so)."""
     skip_unsupported(case, backend, dtype)
     x, p = make_inputs(case, dtype)
+    if params == "input":
+        p = {k: v.to(dtype) for k, v in p.items()}
     dy = randn(*case.shape, seed=6, dtype=dtype)
     out, grads = run(case, x, p, backend, dy)
     assert out.dtype == dtype and grads["x"].dtype == dtype

@@ -35,7 +35,7 @@ struct bf16 {
 };
 
 // Storage types and their compute type C: float for float and bfloat16, double for double. Parameters and
-// statistics are C as well.
+// statistics are C as well (per-element parameters may be T: see `parameter`).
 template <typename T> struct Compute { using type = float; };
 template <> struct Compute<double> { using type = double; };
 
@@ -53,13 +53,19 @@ struct Sets {
     i64 n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream;
 };
 
+// `per_element`: 0 per-channel parameters (in the compute type); 1 per-element ones in the compute type; 2 in
+// the storage type (bfloat16 γ, β of a bfloat16 LN)
+constexpr i64 PARAMS_IN_STORAGE_TYPE = 2;
+
 constexpr i64 CHUNK = 4096;  // partial sums in the compute type over at most this many elements, then in double
 
 inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUNK : n; }
 
 // Sums over [start, end) with LANES independent accumulators (two 512-bit vectors each): the additions do not
-// wait on one another, so a reduction runs at the speed of loads rather than of the adder's latency.
-// body(l, acc1, acc2) adds element l's terms to one lane of each accumulator; returns the two sums.
+// wait on one another, so a reduction runs at the speed of loads rather than of the adder's latency. The
+// tail goes one element per lane (still independent), and the lanes are summed as a tree of vector halves —
+// a set's segments are often short (GN: one channel of a 14×14 map), so these two cost as much as the loop.
+// body(l, acc1, acc2) adds element l's terms to one lane of each accumulator; adds the two sums to s1, s2.
 template <typename C> constexpr int LANES = 128 / sizeof(C);
 
 template <typename C, typename Body> inline void lane_sums(i64 start, i64 end, Body body, double& s1, double& s2) {
@@ -69,12 +75,13 @@ template <typename C, typename Body> inline void lane_sums(i64 start, i64 end, B
 #pragma omp simd
         for (int v = 0; v < LANES<C>; ++v) body(l + v, a[v], b[v]);
     }
-    C ta = 0, tb = 0;
-    for (; l < end; ++l) body(l, ta, tb);
-#pragma omp simd reduction(+ : ta, tb)
-    for (int v = 0; v < LANES<C>; ++v) ta += a[v], tb += b[v];
-    s1 += ta;
-    s2 += tb;
+    for (int v = 0; l + v < end; ++v) body(l + v, a[v], b[v]);
+    for (int half = LANES<C> / 2; half > 0; half /= 2) {
+#pragma omp simd
+        for (int v = 0; v < half; ++v) a[v] += a[v + half], b[v] += b[v + half];
+    }
+    s1 += a[0];
+    s2 += b[0];
 }
 
 template <typename T, typename C = typename Compute<T>::type> double sum(const T* x, i64 n) {
@@ -106,7 +113,14 @@ void grad_sums(const T* dy, const T* x, i64 n, C mu, double& s1, double& s2) {
         }, s1, s2);
 }
 
-template <typename C> inline C parameter(const C* p, i64 index, C otherwise) { return p ? p[index] : otherwise; }
+// Parameters: per channel in the compute type C; per element (LN over rows) in C or, where γ and β have
+// x's own dtype, in it (no conversion of a parameter as large as a sample on every call).
+template <typename C, typename P> inline C parameter(const P* p, i64 index, C otherwise) {
+    return p ? C(load(p[index])) : otherwise;
+}
+
+template <typename U> struct ident { using type = U; };
+template <typename U> using non_deduced = typename ident<U>::type;
 
 // The element-wise pass, one formula for the forward output and the input gradient:
 //     out = a·e_l·dy + (x − centre)·k·f_l + c + g_l
@@ -173,11 +187,10 @@ inline void store_fence() {
 
 template <typename T> using compute_t = typename Compute<T>::type;  // (not deduced from arguments)
 
-template <typename T, typename C = compute_t<T>>
-void combine(const T* dy, const T* x, T* out, i64 n, compute_t<T> a, compute_t<T> k, compute_t<T> centre,
-             compute_t<T> c, const compute_t<T>* e = nullptr, const compute_t<T>* f = nullptr,
-             const compute_t<T>* g = nullptr, bool stream = false) {
-    if constexpr (std::is_same_v<T, float>) {
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void combine(const T* dy, const T* x, T* out, i64 n, C a, C k, C centre, C c, const non_deduced<P>* e = nullptr,
+             const non_deduced<P>* f = nullptr, const non_deduced<P>* g = nullptr, bool stream = false) {
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
         if (stream) {
             const i64 done = combine_streaming(dy, x, out, n, a, k, centre, c, {e, f, g});
             if (done == n) return;
@@ -190,20 +203,20 @@ void combine(const T* dy, const T* x, T* out, i64 n, compute_t<T> a, compute_t<T
         for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(k * (load(x[l]) - centre) + c);
     } else if (dy == nullptr && f != nullptr && g != nullptr) {  // per-element γ and β (a loop each: vectorized)
 #pragma omp simd
-        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k * f[l] + c + g[l]);
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k * load(f[l]) + c + load(g[l]));
     } else if (dy == nullptr && f != nullptr) {
 #pragma omp simd
-        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k * f[l] + c);
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k * load(f[l]) + c);
     } else if (dy == nullptr) {
 #pragma omp simd
-        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k + c + g[l]);
+        for (i64 l = 0; l < n; ++l) out[l] = store<T, C>((load(x[l]) - centre) * k + c + load(g[l]));
     } else if (e == nullptr) {
 #pragma omp simd
         for (i64 l = 0; l < n; ++l) out[l] = store<T, C>(a * load(dy[l]) + k * (load(x[l]) - centre) + c);
     } else {
 #pragma omp simd
         for (i64 l = 0; l < n; ++l)
-            out[l] = store<T, C>(a * e[l] * load(dy[l]) + k * (load(x[l]) - centre) + c);
+            out[l] = store<T, C>(a * load(e[l]) * load(dy[l]) + k * (load(x[l]) - centre) + c);
     }
 }
 
@@ -234,18 +247,20 @@ template <typename T, typename C = typename Compute<T>::type> Moments two_pass(c
 constexpr i64 SMALL_SET = 1 << 14, BLOCK = 1 << 12;
 
 template <typename T, typename C = typename Compute<T>::type> Moments set_moments(const T* x, const Sets& s) {
-    if (s.n_seg * s.len <= SMALL_SET) {
+    const bool one_run = s.step == s.len;  // GN/LN in NCHW: the segments (channels) follow one another
+    const i64 runs = one_run ? 1 : s.n_seg, len = one_run ? s.n_seg * s.len : s.len;
+    if (runs * len <= SMALL_SET) {
         double total = 0, d1 = 0, d2 = 0;
-        const double m = double(s.n_seg) * double(s.len);
-        for (i64 j = 0; j < s.n_seg; ++j) total += sum(x + j * s.step, s.len);
+        const double m = double(runs) * double(len);
+        for (i64 j = 0; j < runs; ++j) total += sum(x + j * s.step, len);
         const C shift = C(total / m);
-        for (i64 j = 0; j < s.n_seg; ++j) centred_sums(x + j * s.step, s.len, shift, d1, d2);
+        for (i64 j = 0; j < runs; ++j) centred_sums(x + j * s.step, len, shift, d1, d2);
         return {m, double(shift) + d1 / m, std::fmax(d2 - d1 * d1 / m, 0.0)};
     }
     Moments acc;
-    for (i64 j = 0; j < s.n_seg; ++j)
-        for (i64 start = 0; start < s.len; start += BLOCK)
-            acc = two_pass(x + j * s.step + start, (start + BLOCK < s.len ? BLOCK : s.len - start), acc);
+    for (i64 j = 0; j < runs; ++j)
+        for (i64 start = 0; start < len; start += BLOCK)
+            acc = two_pass(x + j * s.step + start, (start + BLOCK < len ? BLOCK : len - start), acc);
     return acc;
 }
 
@@ -259,8 +274,8 @@ struct Pieces {
     i64 size(i64 p, const Sets& s) const { return std::min(BLOCK, s.len - start(p)); }
 };
 
-template <typename T, typename C = typename Compute<T>::type>
-void forward_wide(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void forward_wide(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
                   int threads) {
     const Pieces pieces(s);
     std::vector<Moments> parts(size_t(pieces.count));
@@ -281,7 +296,7 @@ void forward_wide(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C*
         for (i64 p = 0; p < pieces.count; ++p) {
             const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
             if (s.per_element) {
-                combine<T>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r, C(mu), C(0), nullptr,
+                combine<T, P>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r, C(mu), C(0), nullptr,
                            w ? w + start : nullptr, b ? b + start : nullptr, s.stream);
             } else {
                 const i64 ch = i * s.ch_inner + j * s.ch_seg;
@@ -293,8 +308,8 @@ void forward_wide(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C*
     }
 }
 
-template <typename T, typename C = typename Compute<T>::type>
-void backward_wide(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C* rstd, C* dw_part,
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void backward_wide(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C* rstd, C* dw_part,
                    C* db_part, const Sets& s, int threads) {
     const Pieces pieces(s);
     const double m = double(s.n_seg) * double(s.len);
@@ -337,7 +352,7 @@ void backward_wide(const T* dy, const T* x, T* dx, const C* w, const C* mean, co
         for (i64 p = 0; p < pieces.count; ++p) {
             const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
             if (s.per_element)
-                combine<T>(dy + at, x + at, dx + at, pieces.size(p, s), r, kx, mu, c, w ? w + start : nullptr,
+                combine<T, P>(dy + at, x + at, dx + at, pieces.size(p, s), r, kx, mu, c, w ? w + start : nullptr,
                            nullptr, nullptr, s.stream);
             else
                 combine<T>(dy + at, x + at, dx + at, pieces.size(p, s),
@@ -367,8 +382,8 @@ inline bool by_cells(const Sets& s) {
            s.n_inner * s.n_seg * s.len >= BY_CELLS_MIN;
 }
 
-template <typename T, typename C = typename Compute<T>::type>
-void forward_by_cells(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void forward_by_cells(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
                       int threads) {
     const i64 cells = s.n_inner * s.n_seg;  // cell q = (sample j, channel i) in memory order
     std::vector<Moments> parts(static_cast<size_t>(cells));
@@ -396,8 +411,8 @@ void forward_by_cells(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd
     }
 }
 
-template <typename T, typename C = typename Compute<T>::type>
-void backward_by_cells(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C* rstd, C* dw_part,
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void backward_by_cells(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C* rstd, C* dw_part,
                        C* db_part, const Sets& s, int threads) {
     const i64 cells = s.n_inner * s.n_seg;
     const double m = double(s.n_seg) * double(s.len);
@@ -429,8 +444,8 @@ void backward_by_cells(const T* dy, const T* x, T* dx, const C* w, const C* mean
 }
 
 // y = (x − μ)·rstd·γ + β per set; mean, rstd (and var, the biased σ², where given) per set. y null: statistics only.
-template <typename T, typename C = typename Compute<T>::type>
-void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void forward(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
              int threads) {
     const i64 sets = s.n_outer * s.n_inner;
     const double m = double(s.n_seg) * double(s.len);
@@ -449,7 +464,7 @@ void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var,
         for (i64 j = 0; j < s.n_seg; ++j) {
             const i64 at = base + j * s.step;
             if (s.per_element) {  // γ_l and β_l
-                combine<T>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream);
+                combine<T, P>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream);
             } else {
                 const i64 ch = i * s.ch_inner + j * s.ch_seg;
                 combine<T>(nullptr, x + at, y + at, s.len, C(0), r * parameter<C>(w, ch, 1), C(mu),
@@ -467,8 +482,8 @@ void forward(const T* x, T* y, const C* w, const C* b, C* mean, C* rstd, C* var,
 // accumulated into row [thread][element], which the caller zeroes. With `sum_rows` row 0 ends up holding
 // the sums over rows, dγ and dβ (Switchable Norm keeps the rows: its sets are (n, c) cells, whose sums it
 // mixes). dx null: the sums only.
-template <typename T, typename C = typename Compute<T>::type>
-void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C* rstd, C* dw_part, C* db_part,
+template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
+void backward(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C* rstd, C* dw_part, C* db_part,
               const Sets& s, bool sum_rows, int threads) {
     const i64 sets = s.n_outer * s.n_inner;
     const double m = double(s.n_seg) * double(s.len);
@@ -518,7 +533,7 @@ void backward(const T* dy, const T* x, T* dx, const C* w, const C* mean, const C
         for (i64 j = 0; j < s.n_seg; ++j) {
             const i64 at = base + j * s.step;
             if (s.per_element)  // γ_l
-                combine<T>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream);
+                combine<T, P>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream);
             else
                 combine<T>(dy + at, x + at, dx + at, s.len, r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx,
                            mu, c, nullptr, nullptr, nullptr, s.stream);
@@ -565,8 +580,13 @@ int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, 
     return dispatch(dtype, [&](auto tag) {
         using T = decltype(tag);
         using C = typename Compute<T>::type;
-        forward<T>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<const C*>(w), static_cast<const C*>(b),
-                   static_cast<C*>(mean), static_cast<C*>(rstd), static_cast<C*>(var), s, eps, threads);
+        const auto run = [&](auto param_tag) {
+            using P = decltype(param_tag);
+            forward<T, P>(static_cast<const T*>(x), static_cast<T*>(y), static_cast<const P*>(w),
+                          static_cast<const P*>(b), static_cast<C*>(mean), static_cast<C*>(rstd), static_cast<C*>(var),
+                          s, eps, threads);
+        };
+        s.per_element == PARAMS_IN_STORAGE_TYPE ? run(T{}) : run(C{});
     });
 }
 
@@ -577,9 +597,13 @@ int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* 
     return dispatch(dtype, [&](auto tag) {
         using T = decltype(tag);
         using C = typename Compute<T>::type;
-        backward<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), static_cast<const C*>(w),
-                    static_cast<const C*>(mean), static_cast<const C*>(rstd), static_cast<C*>(dw_part),
-                    static_cast<C*>(db_part), s, sum_rows != 0, threads);
+        const auto run = [&](auto param_tag) {
+            using P = decltype(param_tag);
+            backward<T, P>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx),
+                           static_cast<const P*>(w), static_cast<const C*>(mean), static_cast<const C*>(rstd),
+                           static_cast<C*>(dw_part), static_cast<C*>(db_part), s, sum_rows != 0, threads);
+        };
+        s.per_element == PARAMS_IN_STORAGE_TYPE ? run(T{}) : run(C{});
     });
 }
 

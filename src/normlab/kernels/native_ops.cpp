@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 extern "C" {
@@ -45,6 +46,18 @@ at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
     return p.defined() ? p.to(acc).contiguous() : p;
 }
 
+// Per-element γ and β (LN over rows) that already have x's dtype are read in it (native_cpu.cpp's
+// PARAMS_IN_STORAGE_TYPE): a bfloat16 LN then converts no sample-sized parameter on each call.
+constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 2;  // the `Sets` field, and its value
+
+bool params_in_storage_type(const std::vector<int64_t>& geometry, const at::Tensor& x,
+                            std::initializer_list<const at::Tensor*> params) {
+    if (!geometry[PER_ELEMENT] || stats_type(x.scalar_type()) == x.scalar_type()) return false;
+    for (const at::Tensor* p : params)
+        if (p->defined() && (p->scalar_type() != x.scalar_type() || !p->is_contiguous())) return false;
+    return true;
+}
+
 // The call's geometry as Python's plan gives it: the 12 fields of `Sets`, then threads and the partial rows.
 struct Plan {
     std::vector<int64_t> geometry;
@@ -65,10 +78,13 @@ struct Plan {
 variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                           at::IntArrayRef plan_values, at::IntArrayRef stats_shape, double eps) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "normlab::feature_norm: a contiguous CPU input");
-    const Plan plan(plan_values);
+    Plan plan(plan_values);
     const auto acc = stats_type(x.scalar_type());
     const auto options = x.options().dtype(acc);
-    const at::Tensor y = at::empty_like(x), w = kernel_param(weight, acc), b = kernel_param(bias, acc);
+    const bool as_is = params_in_storage_type(plan.geometry, x, {&weight, &bias});
+    if (as_is) plan.geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
+    const at::Tensor y = at::empty_like(x), w = as_is ? weight : kernel_param(weight, acc),
+                     b = as_is ? bias : kernel_param(bias, acc);
     const at::Tensor mean = at::empty(stats_shape, options), rstd = at::empty(stats_shape, options),
                      var = at::empty(stats_shape, options);
     nl_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(), data(w), data(b), mean.data_ptr(),
@@ -121,8 +137,10 @@ struct FeatureNorm : public torch::autograd::Function<FeatureNorm> {
                                                        ctx->saved_data["affine_shape"].toIntVector(),
                                                        ctx->saved_data["eps"].toDouble());
         } else {
-            const Plan plan(ctx->saved_data["plan"].toIntVector());
+            Plan plan(ctx->saved_data["plan"].toIntVector());
             const auto acc = mean.scalar_type();
+            const bool as_is = params_in_storage_type(plan.geometry, x, {&weight});
+            if (as_is) plan.geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
             // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
             const auto make = [&](bool needed) {
                 if (!needed) return at::Tensor();
@@ -130,7 +148,7 @@ struct FeatureNorm : public torch::autograd::Function<FeatureNorm> {
                 return plan.geometry[10] ? at::zeros({plan.rows, plan.channels}, options)
                                          : at::empty({plan.rows, plan.channels}, options);
             };
-            const at::Tensor w = kernel_param(weight, acc);
+            const at::Tensor w = as_is ? weight : kernel_param(weight, acc);
             at::Tensor dw_part = make(need_dw), db_part = make(need_db);
             if (need_dx) dx = at::empty_like(x);
             nl_backward(dtype_code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
