@@ -233,12 +233,14 @@ struct Moments {
     }
 };
 
+inline double non_negative(double v) { return v > 0 ? v : 0; }  // (std::fmax is a library call here)
+
 // The corrected two-pass moments of `n` values: the first pass's mean s, then Σd and Σd² with d = x − s.
 template <typename T, typename C = typename Compute<T>::type> Moments two_pass(const T* x, i64 n, Moments acc = {}) {
     const C shift = C(sum(x, n) / double(n));
     double d1 = 0, d2 = 0;
     centred_sums(x, n, shift, d1, d2);
-    acc.merge({double(n), double(shift) + d1 / double(n), std::fmax(d2 - d1 * d1 / double(n), 0.0)});
+    acc.merge({double(n), double(shift) + d1 / double(n), non_negative(d2 - d1 * d1 / double(n))});
     return acc;
 }
 
@@ -255,7 +257,7 @@ template <typename T, typename C = typename Compute<T>::type> Moments set_moment
         for (i64 j = 0; j < runs; ++j) total += sum(x + j * s.step, len);
         const C shift = C(total / m);
         for (i64 j = 0; j < runs; ++j) centred_sums(x + j * s.step, len, shift, d1, d2);
-        return {m, double(shift) + d1 / m, std::fmax(d2 - d1 * d1 / m, 0.0)};
+        return {m, double(shift) + d1 / m, non_negative(d2 - d1 * d1 / m)};
     }
     Moments acc;
     for (i64 j = 0; j < runs; ++j)
