@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from torch import Tensor
 
@@ -67,15 +68,24 @@ def is_channels_last(x: Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous()
 
 
+@lru_cache(maxsize=1024)
+def _view_geometry(shape: tuple[int, ...], channels_last: bool, groups: int) -> tuple[tuple[int, ...], FeatureView]:
+    """The 4-d view's shape and its `FeatureView` (cached: the same shapes come back every step)."""
+    n, c, positions = shape[0], shape[1], math.prod(shape[2:])
+    view_shape = (n, positions, groups, c // groups) if channels_last else (n, groups, c // groups, positions)
+    return view_shape, FeatureView(tuple(shape), channels_last)
+
+
 def to_view(x: Tensor, groups: int) -> tuple[Tensor, FeatureView]:
     """View (N, C, *spatial) as 4-d per the module docstring; copies only for exotic strides."""
-    n, c, positions = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    if x.is_contiguous():  # the common case first: a small call costs little more than these lines
+        view_shape, view = _view_geometry(x.shape, False, groups)
+        return x.view(view_shape), view
     channels_last = is_channels_last(x)
+    view_shape, view = _view_geometry(x.shape, channels_last, groups)
     if channels_last:
-        xv = x.movedim(1, -1).reshape(n, positions, groups, c // groups)
-    else:
-        xv = x.contiguous().view(n, groups, c // groups, positions)
-    return xv, FeatureView(tuple(x.shape), channels_last)
+        return x.movedim(1, -1).reshape(view_shape), view
+    return x.contiguous().view(view_shape), view
 
 
 def from_view(yv: Tensor, view: FeatureView) -> Tensor:

@@ -24,6 +24,7 @@ from normlab._stats import count, moments, stats_dtype
 from normlab.distributed._comm import all_reduce_sum, empty_moments, gather_moments, group_size
 from normlab.functional._normalize import check_running_norm_args, update_running
 from normlab.kernels import NormSpec
+from normlab.kernels.contract import batch_spec
 from normlab.kernels.torch_backend import _affine
 from normlab.nn._running_stats import RunningStatsNorm, exponential_average_factor
 
@@ -120,7 +121,7 @@ def sync_batch_norm(
     )
 
     xv, view = to_view(input, channels)
-    spec = NormSpec(view.batch_dims, view.affine_shape(channels), view)
+    spec = batch_spec(view)
     wv = weight.reshape(spec.affine_shape) if weight is not None else None
     bv = bias.reshape(spec.affine_shape) if bias is not None else None
     yv, mean, unbiased_var = SyncBatchNormFunction.apply(xv, wv, bv, spec, eps, group)

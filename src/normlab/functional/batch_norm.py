@@ -12,8 +12,7 @@ from normlab.functional._normalize import (
     normalize,
     update_running,
 )
-from normlab.kernels import NormSpec
-from normlab.kernels.contract import variance
+from normlab.kernels.contract import batch_spec, variance
 
 
 def batch_norm(
@@ -49,7 +48,7 @@ def batch_norm(
     check_batch_values(input, per_channel, who)
 
     xv, view = to_view(input, channels)
-    spec = NormSpec(view.batch_dims, view.affine_shape(channels), view)
+    spec = batch_spec(view)
     yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend, input)
     update_running(running_mean, mean, momentum)
     if running_var is not None:

@@ -7,7 +7,7 @@ from torch import Tensor
 from normlab._checks import check_dims, check_eps, check_groups, check_tensor
 from normlab._layout import from_view, to_view
 from normlab.functional._normalize import check_channel_params, normalize
-from normlab.kernels import NormSpec
+from normlab.kernels.contract import group_spec
 
 
 def group_norm(
@@ -28,6 +28,6 @@ def group_norm(
     check_groups(channels, num_groups, who)
     check_channel_params(channels, who, weight=weight, bias=bias)
     xv, view = to_view(input, num_groups)
-    spec = NormSpec(view.group_dims, view.affine_shape(num_groups), view)
+    spec = group_spec(view, num_groups)
     yv = normalize(xv, spec, weight, bias, eps, backend, input)[0]
     return from_view(yv, view)

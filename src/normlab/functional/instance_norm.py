@@ -13,8 +13,7 @@ from normlab.functional._normalize import (
     normalize,
     update_running,
 )
-from normlab.kernels import NormSpec
-from normlab.kernels.contract import variance
+from normlab.kernels.contract import group_spec, variance
 
 
 def instance_norm(
@@ -52,7 +51,7 @@ def instance_norm(
             f"{who}: expected more than 1 spatial element per instance, got input of shape {tuple(input.shape)}"
         )
     xv, view = to_view(input, channels)
-    spec = NormSpec(view.group_dims, view.affine_shape(channels), view)
+    spec = group_spec(view, channels)
     yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend, input)
     if running_mean is not None:
         update_running(running_mean, mean.mean(0), momentum)

@@ -10,7 +10,7 @@ from torch import Tensor
 from normlab._checks import check_eps, check_tensor
 from normlab._layout import is_channels_last
 from normlab.functional._normalize import normalize
-from normlab.kernels import NormSpec
+from normlab.kernels.contract import row_spec
 
 
 def normalized_shape_tuple(normalized_shape, who: str) -> tuple[int, ...]:
@@ -52,10 +52,10 @@ def layer_norm(
         # the elementwise affine parameters are permuted the same way (small copies)
         moved = input.movedim(1, -1)
         weight, bias = (p.movedim(0, -1) if p is not None else None for p in (weight, bias))
-        yv = normalize(moved.reshape(-1, width), NormSpec((1,), (1, width)), weight, bias, eps, backend)[0]
+        yv = normalize(moved.reshape(-1, width), row_spec(width), weight, bias, eps, backend)[0]
         return yv.reshape(moved.shape).movedim(-1, 1)
     xv = input.reshape(-1, width)
-    yv = normalize(xv, NormSpec((1,), (1, width)), weight, bias, eps, backend, input)[0]
+    yv = normalize(xv, row_spec(width), weight, bias, eps, backend, input)[0]
     out = yv if yv.shape == input.shape else yv.reshape(input.shape)
     if is_channels_last(input) and input.dim() in (4, 5):
         fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d

@@ -34,6 +34,7 @@ A backend that lacks the SN pair is used for the feature norms only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 from torch import Tensor
@@ -54,6 +55,25 @@ class NormSpec:
     dims: tuple[int, ...]
     affine_shape: tuple[int, ...] | None = None
     view: FeatureView | None = None
+
+
+# The specs of the norms (cached: a training loop sees the same few geometries at every step)
+@lru_cache(maxsize=1024)
+def group_spec(view: FeatureView, groups: int) -> NormSpec:
+    """GN, LN of a feature map (G = 1), IN (G = C): statistics per (sample, group)."""
+    return NormSpec(view.group_dims, view.affine_shape(groups), view)
+
+
+@lru_cache(maxsize=1024)
+def batch_spec(view: FeatureView) -> NormSpec:
+    """BN: statistics per channel, on the view with G = C."""
+    return NormSpec(view.batch_dims, view.affine_shape(view.input_shape[1]), view)
+
+
+@lru_cache(maxsize=1024)
+def row_spec(width: int) -> NormSpec:
+    """LN over trailing dims: statistics per row of the (rows, width) view, elementwise affine."""
+    return NormSpec((1,), (1, width))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from normlab._checks import (
 )
 from normlab._layout import from_view, to_view
 from normlab._stats import moments, stats_dtype
-from normlab.kernels import NormSpec, select_backend, torch_backend
+from normlab.kernels import select_backend, torch_backend
+from normlab.kernels.contract import batch_spec, group_spec
 
 ACTIVATIONS = ("relu", "silu", None)
 
@@ -142,7 +143,7 @@ def group_norm_act(
     _check(input, weight, bias, eps, activation, who)
     check_groups(input.shape[1], num_groups, who)
     xv, view = to_view(input, num_groups)
-    spec = NormSpec(view.group_dims, view.affine_shape(num_groups), view)
+    spec = group_spec(view, num_groups)
     yv, _, _ = _run(xv, spec, weight, bias, eps, activation, backend, who)
     return from_view(yv, view)
 
@@ -188,7 +189,7 @@ def batch_norm_act(
     per_channel = input.numel() // channels if channels else 0
     check_batch_values(input, per_channel, who)
     xv, view = to_view(input, channels)
-    spec = NormSpec(view.batch_dims, view.affine_shape(channels), view)
+    spec = batch_spec(view)
     yv, mean, var = _run(xv, spec, weight, bias, eps, activation, backend, who)
     with torch.no_grad():
         for running, batch in ((running_mean, mean), (running_var, var * (per_channel / (per_channel - 1)))):
