@@ -8,12 +8,21 @@
 //     double      when the backward itself is differentiated (grad mode on inside it): the portable torch
 //     backward    backend's closed form on statistics recomputed from x, through the Python operator
 //                 `normlab::feature_norm_graph_backward` (native_backend.py) — one formula, in one place.
+//
+// The node (FeatureNormBackward) is hand-written the way torch's generated nodes are — a Node subclass with
+// SavedVariables for x and weight and plain fields for the rest, its history set on y alone — rather than a
+// torch::autograd::Function: that one's CppNode (an IValue map of saved data, _wrap_outputs, output
+// bookkeeping for the non-differentiable statistics) cost more per call than torch's whole GroupNorm node.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -25,7 +34,6 @@ int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* 
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 int dtype_code(at::ScalarType t) {  // native_cpu.cpp's codes
@@ -92,90 +100,94 @@ variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const a
     return {y, mean, rstd, var};
 }
 
-struct FeatureNorm : public torch::autograd::Function<FeatureNorm> {
-    // weight, bias: optionals, as an absent one is no input of the node (its gradient edges are x's, then
-    // weight's and bias's where given)
-    static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight_,
-                                 const std::optional<at::Tensor>& bias_, at::IntArrayRef plan_values,
-                                 at::IntArrayRef stats_shape,
-                                 at::IntArrayRef view_shape, at::IntArrayRef dims, at::IntArrayRef affine_shape,
-                                 double eps) {
-        const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
-        auto out = run_forward(x, weight, bias, plan_values, stats_shape, eps);
-        const at::Tensor &mean = out[1], &rstd = out[2], &var = out[3];
-        const auto acc = mean.scalar_type();
-        ctx->save_for_backward({x, weight, mean, rstd});
-        ctx->saved_data["plan"] = plan_values.vec();
-        ctx->saved_data["view_shape"] = view_shape.vec();
-        ctx->saved_data["dims"] = dims.vec();
-        ctx->saved_data["affine_shape"] = affine_shape.vec();
-        ctx->saved_data["eps"] = eps;
-        ctx->saved_data["has_bias"] = bias.defined();
-        ctx->saved_data["bias_shape"] = bias.defined() ? bias.sizes().vec() : std::vector<int64_t>{};
-        ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.defined() ? bias.scalar_type() : acc);
-        ctx->mark_non_differentiable({mean, rstd, var});
-        return out;
+// y's node, written the way torch's generated nodes are (cf. NativeGroupNormBackward0): SavedVariables and
+// plain fields, 3 edges x, weight, bias (an absent parameter's edge is invalid), history on y alone.
+struct FeatureNormBackward : public torch::autograd::Node {
+    std::string name() const override { return "FeatureNormBackward"; }
+    variable_list apply(variable_list&& grads) override;
+    void release_variables() override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        x_.reset_data();
+        weight_.reset_data();
+        mean_.reset();
+        rstd_.reset();
     }
 
-    static variable_list backward(AutogradContext* ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-        const bool has_weight = weight.defined(), has_bias = ctx->saved_data["has_bias"].toBool();
-        const bool need_dx = ctx->needs_input_grad(0), need_dw = has_weight && ctx->needs_input_grad(1),
-                   need_db = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
-        const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
-        at::Tensor dx, dw, db;
-        if (at::GradMode::is_enabled()) {  // double backward: a graph through x, weight and dy
-            static const auto graph_backward = c10::Dispatcher::singleton()
-                .findSchemaOrThrow("normlab::feature_norm_graph_backward", "")
-                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
-                    at::IntArrayRef, at::IntArrayRef, double)>();
-            std::tie(dx, dw, db) = graph_backward.call(dy, x, weight.defined() ? std::optional(weight) : std::nullopt,
-                                                       ctx->saved_data["view_shape"].toIntVector(),
-                                                       ctx->saved_data["dims"].toIntVector(),
-                                                       ctx->saved_data["affine_shape"].toIntVector(),
-                                                       ctx->saved_data["eps"].toDouble());
-        } else {
-            Plan plan(ctx->saved_data["plan"].toIntVector());
-            const auto acc = mean.scalar_type();
-            const bool as_is = params_in_storage_type(plan.geometry, x, {&weight});
-            if (as_is) plan.geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
-            // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
-            const auto make = [&](bool needed) {
-                if (!needed) return at::Tensor();
-                const auto options = x.options().dtype(acc);
-                return plan.geometry[10] ? at::zeros({plan.rows, plan.channels}, options)
-                                         : at::empty({plan.rows, plan.channels}, options);
-            };
-            const at::Tensor w = as_is ? weight : kernel_param(weight, acc);
-            at::Tensor dw_part = make(need_dw), db_part = make(need_db);
-            if (need_dx) dx = at::empty_like(x);
-            nl_backward(dtype_code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
-                        data(w), mean.data_ptr(), rstd.data_ptr(), need_dw ? dw_part.data_ptr() : nullptr,
-                        need_db ? db_part.data_ptr() : nullptr, plan.geometry.data(), 1, plan.threads);
-            if (need_dw) dw = dw_part[0];
-            if (need_db) db = db_part[0];
-        }
-        // parameter gradients in the parameters' own shapes and dtypes
-        if (need_dw) dw = dw.reshape(weight.sizes()).to(weight.scalar_type());
-        if (need_db)
-            db = db.reshape(ctx->saved_data["bias_shape"].toIntVector())
-                     .to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
-        return {need_dx ? dx : at::Tensor(), need_dw ? dw : at::Tensor(), need_db ? db : at::Tensor(),
-                at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    }
+    torch::autograd::SavedVariable x_, weight_;  // inputs: version-checked on unpack, saved-tensor hooks apply
+    at::Tensor mean_, rstd_;                      // non-differentiable outputs: never require grad
+    std::vector<int64_t> plan_, view_shape_, dims_, affine_shape_, bias_shape_;
+    double eps_ = 0;
+    bool has_bias_ = false;
+    at::ScalarType bias_dtype_ = at::kFloat;
 };
+
+variable_list FeatureNormBackward::apply(variable_list&& grads) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack();
+    const bool need_dx = task_should_compute_output(0), need_dw = weight.defined() && task_should_compute_output(1),
+               need_db = has_bias_ && task_should_compute_output(2);
+    at::Tensor dx, dw, db;
+    if (!grads[0].defined() || !(need_dx || need_dw || need_db)) return {dx, dw, db};  // undefined dy: zero
+    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    if (at::GradMode::is_enabled()) {  // double backward: a graph through x, weight and dy
+        static const auto graph_backward = c10::Dispatcher::singleton()
+            .findSchemaOrThrow("normlab::feature_norm_graph_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                at::IntArrayRef, at::IntArrayRef, double)>();
+        std::tie(dx, dw, db) = graph_backward.call(dy, x, weight.defined() ? std::optional(weight) : std::nullopt,
+                                                   view_shape_, dims_, affine_shape_, eps_);
+    } else {
+        Plan plan(plan_);
+        const auto acc = mean_.scalar_type();
+        const bool as_is = params_in_storage_type(plan.geometry, x, {&weight});
+        if (as_is) plan.geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
+        // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
+        const auto make = [&](bool needed) {
+            if (!needed) return at::Tensor();
+            const auto options = x.options().dtype(acc);
+            return plan.geometry[10] ? at::zeros({plan.rows, plan.channels}, options)
+                                     : at::empty({plan.rows, plan.channels}, options);
+        };
+        const at::Tensor w = as_is ? weight : kernel_param(weight, acc);
+        at::Tensor dw_part = make(need_dw), db_part = make(need_db);
+        if (need_dx) dx = at::empty_like(x);
+        nl_backward(dtype_code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
+                    data(w), mean_.data_ptr(), rstd_.data_ptr(), need_dw ? dw_part.data_ptr() : nullptr,
+                    need_db ? db_part.data_ptr() : nullptr, plan.geometry.data(), 1, plan.threads);
+        if (need_dw) dw = dw_part[0];
+        if (need_db) db = db_part[0];
+    }
+    // one gradient per edge (x, weight, bias); parameter gradients in the parameters' own shapes and dtypes
+    return {need_dx ? dx : at::Tensor(), need_dw ? dw.reshape(weight.sizes()).to(weight.scalar_type()) : at::Tensor(),
+            need_db ? db.reshape(bias_shape_).to(bias_dtype_) : at::Tensor()};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_norm(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef plan, at::IntArrayRef stats_shape, at::IntArrayRef view_shape, at::IntArrayRef dims,
     at::IntArrayRef affine_shape, double eps) {
+    using torch::autograd::isFwGradDefined;
+    TORCH_CHECK(!isFwGradDefined(x) && !isFwGradDefined(weight) && !isFwGradDefined(bias),
+                "normlab::feature_norm: forward-mode AD is not implemented");
     const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-    const bool record = at::GradMode::is_enabled() &&
-                        (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
-    const auto out = record ? FeatureNorm::apply(x, weight, bias, plan, stats_shape, view_shape, dims, affine_shape, eps)
-                            : run_forward(x, w, b, plan, stats_shape, eps);  // inference: no node
+    variable_list out;
+    {  // the kernels' allocations and parameter casts: below autograd, as in torch's generated VariableType code
+        at::AutoDispatchBelowADInplaceOrView guard;
+        out = run_forward(x, w, b, plan, stats_shape, eps);
+    }
+    if (torch::autograd::compute_requires_grad(x, weight, bias)) {  // grad mode on and an input requires grad
+        const auto node = c10::make_intrusive<FeatureNormBackward>();
+        node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
+        node->x_ = torch::autograd::SavedVariable(x, false);
+        node->weight_ = torch::autograd::SavedVariable(weight, false);
+        node->mean_ = out[1], node->rstd_ = out[2];
+        node->plan_ = plan.vec(), node->view_shape_ = view_shape.vec(), node->dims_ = dims.vec();
+        node->affine_shape_ = affine_shape.vec(), node->eps_ = eps;
+        node->has_bias_ = b.defined();
+        if (b.defined()) node->bias_shape_ = b.sizes().vec(), node->bias_dtype_ = b.scalar_type();
+        torch::autograd::set_history(out[0], node);  // y only: mean, rstd and var stay without history
+    }
     return {out[0], out[1], out[2], out[3]};
 }
 
