@@ -182,7 +182,7 @@ class _Plan(NamedTuple):
     """What a call of one shape, dtype and kind passes to the library (cached: small calls are common)."""
 
     geometry: ctypes.Array  # the .cpp's `Sets`
-    op_args: tuple  # normlab::feature_norm's plan (`Sets`, threads, rows of partials), stats, view shape, dims, affine
+    op_plan: tuple[int, ...]  # normlab::feature_norm's: `Sets`, threads, rows of partials
     sets: int
     stats_shape: tuple[int, ...]
     channels: int  # parameter-gradient partials per row: channels, or elements for LN over rows
@@ -214,12 +214,8 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
         else:  # batch: the view has groups = C
             geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
             sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
-    # the spec's dims and the shape weight/bias take against the view (the op's double backward reads them)
-    dims = {"rows": (1,), "group": (2, 3), "batch": (0, 2, 3)}[kind]
-    affine_shape = (1, shape[1]) if kind == "rows" else (1, shape[1], shape[2], 1)
-    op_args = ((*geometry, threads, part_rows), stats_shape, shape, dims, affine_shape)
-    return _Plan((_i64 * 12)(*geometry), op_args, sets, stats_shape, channels, part_rows, threads, stream,
-                 _DTYPES[dtype], stats_dtype(dtype))
+    return _Plan((_i64 * 12)(*geometry), (*geometry, threads, part_rows), sets, stats_shape, channels, part_rows,
+                 threads, stream, _DTYPES[dtype], stats_dtype(dtype))
 
 
 def _plan_for(xv: Tensor, kind: str) -> _Plan:
@@ -270,9 +266,10 @@ def apply(xv: Tensor, weight, bias, spec: NormSpec, eps: float, input: Tensor | 
     """``FeatureNormFunction.apply`` for this backend: (y, mean, rstd, var) with the autograd node in C++
     (see the module docstring). ``weight``/``bias`` in their own shapes. ``input``: the tensor ``xv`` views;
     when contiguous the node takes it whole and y has its shape — no view nodes in the graph."""
-    plan = _plan(tuple(xv.shape), xv.dtype, _kind(spec), torch.get_num_threads(), PARALLEL_MIN, STREAM_MIN)
+    plan = _plan_for(xv, _kind(spec))
     x = input if input is not None and input.is_contiguous() else xv
-    return _feature_norm(x, weight, bias, *plan.op_args, eps)
+    return _feature_norm(x, weight, bias, plan.op_plan, plan.stats_shape, xv.shape, spec.dims,
+                         spec.affine_shape or (), eps)
 
 
 def _feature_norm(*args):
