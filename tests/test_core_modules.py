@@ -417,3 +417,53 @@ def test_switch_norm_learns_its_mix():
     module = randomize(normlab.SwitchNorm2d(3), seed=1)
     (module(randn(4, 3, 3, 3, seed=2)) * randn(4, 3, 3, 3, seed=3)).sum().backward()
     assert module.mean_weight.grad.abs().sum() > 0 and module.var_weight.grad.abs().sum() > 0
+
+
+AFFINE_CASES = [c for c in TORCH_CASES if c.kwargs.get("affine", c.kwargs.get("elementwise_affine", True))
+                and (c.cls is not normlab.InstanceNorm1d)]
+
+
+@pytest.mark.parametrize("case", AFFINE_CASES, ids=[c.id for c in AFFINE_CASES])
+def test_weight_seen_through_a_parametrization_and_functional_call(case):
+    """Modules read their affine parameters from the parameter dict (normlab.nn._affine): a parametrized
+    weight and torch.func.functional_call's swapped tensors must still be the ones used."""
+    module, reference_module = case.make(), case.torch_cls(*case.args, **case.kwargs)
+    x = batch(case, seed=1).detach()
+    scale = torch.linspace(0.5, 2.0, module.weight.numel()).reshape(module.weight.shape)
+    nn.utils.parametrize.register_parametrization(module, "weight", _Scaled(scale))
+    with torch.no_grad():
+        reference_module.weight.copy_(scale)
+    assert_close(module(x), reference_module(x))
+    weight = torch.full_like(scale, 3.0)
+    bias = torch.full_like(scale, -1.0) if case.kwargs.get("bias", True) else None
+    plain = case.make()
+    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    with torch.no_grad():
+        reference_module.weight.copy_(weight)
+        if bias is not None:
+            reference_module.bias.copy_(bias)
+    assert_close(torch.func.functional_call(plain, params, (x,)), reference_module(x))
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, weight):
+        return weight * self.scale
+
+
+@pytest.mark.parametrize("cls", [normlab.BatchNorm2d, normlab.InstanceNorm2d])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "f64"])
+def test_running_statistics_of_every_buffer_dtype(cls, dtype):
+    """Running estimates in float32/float64 are updated by one native loop on the CPU, others by tensor ops
+    (normlab.functional._normalize.update_running_stats): each agrees with torch.nn's."""
+    kwargs = {"track_running_stats": True} if cls is normlab.InstanceNorm2d else {}
+    module = cls(4, **kwargs).to(dtype)
+    reference_module = getattr(nn, cls.__name__)(4, **kwargs).to(dtype)
+    for seed in range(3):
+        x = randn(2, 4, 3, 3, seed=seed, dtype=dtype) * 2 + 1
+        module(x), reference_module(x)
+    assert_close(module.running_mean, reference_module.running_mean)  # (the table's tolerance for the dtype)
+    assert_close(module.running_var, reference_module.running_var)

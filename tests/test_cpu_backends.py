@@ -24,6 +24,7 @@ import normlab.functional as NF
 from conftest import TOL, assert_close, randn
 from normlab import reference
 from normlab._layout import to_view
+from normlab.functional._prepared import clear_prepared
 from normlab.kernels import NormSpec, cpu_backend, native_backend, select_backend
 
 EPS = 1e-5
@@ -107,6 +108,8 @@ def route(request, monkeypatch):
         monkeypatch.setattr(cpu_backend, "SWITCH_SMALL", 0)
         monkeypatch.setattr(native_backend, "PARALLEL_MIN", 0)
         monkeypatch.setattr(native_backend, "STREAM_MIN", 0)
+        clear_prepared()  # calls planned under the other thresholds
+        request.addfinalizer(clear_prepared)
     return request.param
 
 

@@ -1,15 +1,20 @@
-"""What every feature-norm function shares: parameter checks, the call into the autograd Function, running
-statistics updates, and normalization with given (running) statistics."""
+"""What every feature-norm function shares: parameter checks, binding a call's geometry to a backend, the call
+into the autograd Function, running statistics updates, and normalization with given (running) statistics."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from normlab._checks import check_dims, check_eps, check_momentum, check_tensor
+from normlab._layout import from_view, to_view
 from normlab._stats import stats_dtype
-from normlab.kernels import NormSpec, select_backend
+from normlab.kernels import NormSpec, native_backend, select_backend
 from normlab.kernels.autograd import FeatureNormFunction
+from normlab.kernels.contract import Backend, variance
 
 
 def check_param(param: Tensor | None, numel: int, name: str, who: str, shape_text: str) -> None:
@@ -51,21 +56,73 @@ def needs_graph(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: str | None, input: Tensor | None = None):
-    """(yv, mean, rstd, var) of the view ``xv`` normalized over ``spec.dims``; the statistics are not
-    differentiable, and var may be None (get it with `normlab.kernels.contract.variance`). ``input``: the
-    tensor that ``xv`` views; a backend with its own autograd node may take it whole and return y in its shape
-    (`normlab._layout.from_view` takes either)."""
-    chosen = select_backend(backend, xv, spec)
-    own_node = getattr(chosen, "apply", None)  # a backend with its own autograd node (see `contract`)
-    if own_node is not None:
-        return own_node(xv, weight, bias, spec, eps, input)
+def bind(input: Tensor, xv: Tensor, spec: NormSpec, requested: str | None,
+         general: Callable[[Backend], Callable]) -> Callable:
+    """The run(input, weight, bias, eps) -> (y, mean, rstd, var) of every call of this geometry (statistics not
+    differentiable, var possibly None: see `normlab.kernels.contract.variance`): the chosen backend's own bound
+    call when it has one and ``xv`` views the input itself, else ``general(backend)``, which views the input on
+    each call and calls `normalize`."""
+    chosen = select_backend(requested, xv, spec)
+    own_node = getattr(chosen, "bind", None)  # a backend with its own autograd node (see `contract`)
+    if own_node is not None and input.is_contiguous():
+        return own_node(xv, spec)
+    return general(chosen)
+
+
+class FeatureCall(NamedTuple):
+    """The general run of a BN/IN/GN geometry (see `bind`): view (N, C, *) as 4-d with G groups, normalize,
+    restore the input's shape and layout."""
+
+    groups: int
+    spec: NormSpec
+    backend: Backend
+
+    def __call__(self, input: Tensor, weight, bias, eps: float):
+        xv, view = to_view(input, self.groups)
+        yv, mean, rstd, var = normalize(xv, self.spec, weight, bias, eps, self.backend)
+        return from_view(yv, view), mean, rstd, var
+
+
+def feature_call(input: Tensor, groups: int, spec_of: Callable, requested: str | None) -> Callable:
+    """`bind` for BN/IN/GN: ``spec_of(view)`` gives the spec of the 4-d view with ``groups`` groups."""
+    xv, view = to_view(input, groups)
+    spec = spec_of(view)
+    return bind(input, xv, spec, requested, lambda chosen: FeatureCall(groups, spec, chosen))
+
+
+def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: Backend):
+    """(yv, mean, rstd, var) of the view ``xv`` normalized over ``spec.dims`` by ``backend``."""
+    own_node = getattr(backend, "bind", None)
+    if own_node is not None:  # xv is a copy of the input (a general run): bound for this call only
+        return own_node(xv, spec)(xv, weight, bias, eps)
     if not needs_graph(xv, weight, bias):  # inference: no autograd node to record
         shape = spec.affine_shape
         wv = weight.reshape(shape) if weight is not None else None
         bv = bias.reshape(shape) if bias is not None else None
-        return chosen.forward(xv, wv, bv, spec, eps)
-    return FeatureNormFunction.apply(xv, weight, bias, spec, eps, chosen)
+        return backend.forward(xv, wv, bv, spec, eps)
+    return FeatureNormFunction.apply(xv, weight, bias, spec, eps, backend)
+
+
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor | None,
+                         rstd: Tensor, eps: float, momentum: float | Tensor, per_statistic: int) -> None:
+    """`update_running` for both estimates from a forward's statistics of C channels: BN's one per channel, IN's
+    one per (sample, channel), averaged over the samples. ``var`` is the biased σ² (None: from rstd, see
+    `variance`); the running variance takes the unbiased σ²·m/(m − 1), m = ``per_statistic`` values. On the CPU
+    one native loop does both (tensor ops cost more than a small BN's whole forward)."""
+    if running_mean is None and running_var is None:
+        return
+    var = variance(var, rstd, eps)
+    var_factor = per_statistic / (per_statistic - 1)
+    if not isinstance(momentum, Tensor) and native_backend.update_running(
+        running_mean, running_var, mean, var, momentum, var_factor
+    ):
+        return
+    rows = mean.numel() // (running_mean if running_mean is not None else running_var).numel()
+    if running_mean is not None:
+        update_running(running_mean, mean if rows == 1 else mean.reshape(rows, -1).mean(0), momentum)
+    if running_var is not None:
+        var = var * var_factor
+        update_running(running_var, var if rows == 1 else var.reshape(rows, -1).mean(0), momentum)
 
 
 def update_running(running: Tensor | None, batch: Tensor, momentum: float | Tensor) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab._checks import check_batch_values
-from normlab._layout import from_view, to_view
 from normlab.functional._normalize import (
     apply_channel_stats,
     check_running_norm_args,
-    normalize,
-    update_running,
+    feature_call,
+    update_running_stats,
 )
-from normlab.kernels.contract import batch_spec, variance
+from normlab.functional._prepared import prepared
+from normlab.kernels.contract import batch_spec
+
+WHO = "batch_norm"
 
 
 def batch_norm(
@@ -33,24 +35,28 @@ def batch_norm(
     place with the unbiased one: running ← (1 − momentum)·running + momentum·batch (PyTorch's momentum).
     Eval (``training=False``) normalizes with the running estimates.
     """
-    who = "batch_norm"
-    channels = check_running_norm_args(
-        input, who, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
-    )
-    if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{who}: eval mode (training=False) normalizes with running_mean and running_var, got None; "
-                "pass them, or training=True to use the batch's statistics"
-            )
-        return apply_channel_stats(input, running_mean, running_var, weight, bias, eps)
-    per_channel = input.numel() // channels if channels else 0
-    check_batch_values(input, per_channel, who)
+    if training:
+        run = prepared(_prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
+        y, mean, rstd, var = run(input, weight, bias, eps)
+        update_running_stats(running_mean, running_var, mean, var, rstd, eps, momentum, input.numel() // mean.numel())
+        return y
+    _check(input, weight, bias, running_mean, running_var, momentum, eps)
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{WHO}: eval mode (training=False) normalizes with running_mean and running_var, got None; "
+            "pass them, or training=True to use the batch's statistics"
+        )
+    return apply_channel_stats(input, running_mean, running_var, weight, bias, eps)
 
-    xv, view = to_view(input, channels)
-    spec = batch_spec(view)
-    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend, input)
-    update_running(running_mean, mean, momentum)
-    if running_var is not None:
-        update_running(running_var, variance(var, rstd, eps) * (per_channel / (per_channel - 1)), momentum)
-    return from_view(yv, view)
+
+def _check(input, weight, bias, running_mean, running_var, momentum, eps) -> int:
+    return check_running_norm_args(
+        input, WHO, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+    )
+
+
+def _prepare(input, weight, bias, running_mean, running_var, momentum, eps, backend):
+    """Checks and binding of a training call (statistics of the batch)."""
+    channels = _check(input, weight, bias, running_mean, running_var, momentum, eps)
+    check_batch_values(input, input.numel() // channels if channels else 0, WHO)
+    return feature_call(input, channels, batch_spec, backend)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab._checks import check_dims, check_eps, check_groups, check_tensor
-from normlab._layout import from_view, to_view
-from normlab.functional._normalize import check_channel_params, normalize
+from normlab.functional._normalize import check_channel_params, feature_call
+from normlab.functional._prepared import prepared
 from normlab.kernels.contract import group_spec
 
 
@@ -20,6 +20,10 @@ def group_norm(
     backend: str | None = None,
 ) -> Tensor:
     """Group Normalization over an (N, C, *) input, like `torch.nn.functional.group_norm`."""
+    return prepared(_prepare, input, weight, bias, num_groups, eps, backend)(input, weight, bias, eps)[0]
+
+
+def _prepare(input, weight, bias, num_groups, eps, backend):
     who = "group_norm"
     check_tensor(input, who)
     check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
@@ -27,7 +31,4 @@ def group_norm(
     channels = input.shape[1]
     check_groups(channels, num_groups, who)
     check_channel_params(channels, who, weight=weight, bias=bias)
-    xv, view = to_view(input, num_groups)
-    spec = group_spec(view, num_groups)
-    yv = normalize(xv, spec, weight, bias, eps, backend, input)[0]
-    return from_view(yv, view)
+    return feature_call(input, num_groups, lambda view: group_spec(view, num_groups), backend)

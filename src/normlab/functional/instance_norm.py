@@ -6,14 +6,16 @@ import math
 
 from torch import Tensor
 
-from normlab._layout import from_view, to_view
 from normlab.functional._normalize import (
     apply_channel_stats,
     check_running_norm_args,
-    normalize,
-    update_running,
+    feature_call,
+    update_running_stats,
 )
-from normlab.kernels.contract import group_spec, variance
+from normlab.functional._prepared import prepared
+from normlab.kernels.contract import group_spec
+
+WHO = "instance_norm"
 
 
 def instance_norm(
@@ -34,27 +36,29 @@ def instance_norm(
     estimates (if given) move toward their batch averages — the mean of the per-instance means and of the
     per-instance unbiased variances — with PyTorch's momentum. Otherwise the running estimates are used.
     """
-    who = "instance_norm"
-    channels = check_running_norm_args(
-        input, who, eps, momentum, ndims=(3, 4, 5),
+    if use_input_stats:
+        run = prepared(_prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
+        y, mean, rstd, var = run(input, weight, bias, eps)
+        update_running_stats(running_mean, running_var, mean, var, rstd, eps, momentum, input.numel() // mean.numel())
+        return y
+    _check(input, weight, bias, running_mean, running_var, momentum, eps)
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{WHO}: use_input_stats=False normalizes with running_mean and running_var, got None")
+    return apply_channel_stats(input, running_mean, running_var, weight, bias, eps)
+
+
+def _check(input, weight, bias, running_mean, running_var, momentum, eps) -> int:
+    return check_running_norm_args(
+        input, WHO, eps, momentum, ndims=(3, 4, 5),
         weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
     )
-    if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{who}: use_input_stats=False normalizes with running_mean and running_var, got None"
-            )
-        return apply_channel_stats(input, running_mean, running_var, weight, bias, eps)
-    positions = math.prod(input.shape[2:])
-    if positions <= 1:
+
+
+def _prepare(input, weight, bias, running_mean, running_var, momentum, eps, backend):
+    """Checks and binding of a call with the instances' own statistics."""
+    channels = _check(input, weight, bias, running_mean, running_var, momentum, eps)
+    if math.prod(input.shape[2:]) <= 1:
         raise ValueError(
-            f"{who}: expected more than 1 spatial element per instance, got input of shape {tuple(input.shape)}"
+            f"{WHO}: expected more than 1 spatial element per instance, got input of shape {tuple(input.shape)}"
         )
-    xv, view = to_view(input, channels)
-    spec = group_spec(view, channels)
-    yv, mean, rstd, var = normalize(xv, spec, weight, bias, eps, backend, input)
-    if running_mean is not None:
-        update_running(running_mean, mean.mean(0), momentum)
-    if running_var is not None:
-        update_running(running_var, (variance(var, rstd, eps) * (positions / (positions - 1))).mean(0), momentum)
-    return from_view(yv, view)
+    return feature_call(input, channels, lambda view: group_spec(view, channels), backend)

@@ -14,27 +14,30 @@ and Switchable Norm (two passes forward, as its statistics mix across cells). St
 arithmetic are float32 (float64 for float64 inputs). Channels_last and float16 inputs, other devices and
 torch.compile tracing go to the next backend ("cpu", then "torch").
 
-Per-call overhead: BN/LN/IN/GN calls from normlab.functional go through `apply`, the operator
-``normlab::feature_norm`` with its autograd node in C++ (the contract of `kernels.autograd`, see
-native_ops.cpp): a Python autograd.Function alone costs more per call than torch.nn's whole GroupNorm.
-The backend's `forward`/`backward` (the contract's functions, used by Switchable Norm's passes and by
-callers of the contract) reach the same kernels through ctypes.
+Per-call overhead: BN/LN/IN/GN calls from normlab.functional go through `bind`, a `Plan` of the call's geometry
+from the library's Python module (pybind11), called with the tensors; its autograd node is in C++ (the contract
+of `kernels.autograd`, see native_ops.cpp): a Python autograd.Function alone costs more per call than
+torch.nn's whole GroupNorm, and so does a custom operator's generic binding. The backend's
+`forward`/`backward` (the contract's functions, used by Switchable Norm's passes and by callers of the
+contract) reach the same kernels through ctypes.
 
 Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``; torch's
-headers and libraries) into ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by the sources, the
-flags, torch's version and the CPU — about 20 s, once. When that fails a warning says why and "auto" uses the
-other backends. ``NORMLAB_NATIVE=0`` turns it off.
+and Python's headers, torch's libraries) into ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by
+the sources, the flags, torch's version and the CPU — about 30 s, once. When that fails a warning says why and
+"auto" uses the other backends. ``NORMLAB_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import math
 import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import warnings
 from functools import cache, lru_cache
@@ -85,8 +88,8 @@ def _torch_flags() -> list[str]:
     root = Path(torch.__file__).parent
     lib = root / "lib"
     return [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-L{lib}", "-lc10", "-ltorch_cpu",
-            f"-Wl,-rpath,{lib}"]
+            f"-I{sysconfig.get_paths()['include']}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}"]
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -104,9 +107,15 @@ def _build(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+MODULE = "_normlab_native"  # the library's Python module (PYBIND11_MODULE in native_ops.cpp)
+_module = None  # that module, once `library` has loaded it
+
+
 @cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built if needed; None (with one warning) when they cannot be built or loaded."""
+    """The compiled kernels, built if needed; None (with one warning) when they cannot be built or loaded.
+    Loading also imports the library as a Python module (`_module`) and registers its operator."""
+    global _module
     if os.environ.get("NORMLAB_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CXX", "c++")
@@ -117,9 +126,11 @@ def library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             _build(compiler, target)
-        torch.ops.load_library(str(target))  # registers normlab::feature_norm
+        spec = importlib.util.spec_from_file_location(MODULE, target)
+        module = importlib.util.module_from_spec(spec)  # loads it (registers normlab::feature_norm_graph_backward)
+        spec.loader.exec_module(module)
         lib = ctypes.CDLL(str(target))  # the same library (after torch: its libgomp.so.1 is the one linked)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ImportError) as err:
         warnings.warn(f"normlab: native CPU kernels unavailable, using ATen's ({err})", RuntimeWarning, stacklevel=2)
         return None
     lib.nl_forward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_double,
@@ -129,6 +140,7 @@ def library() -> ctypes.CDLL | None:
     lib.nl_cell_combine.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
                                     ctypes.c_int]
     _OPS.impl("feature_norm_graph_backward", _graph_backward, "CompositeImplicitAutograd")
+    _module = module
     return lib
 
 
@@ -182,7 +194,7 @@ class _Plan(NamedTuple):
     """What a call of one shape, dtype and kind passes to the library (cached: small calls are common)."""
 
     geometry: ctypes.Array  # the .cpp's `Sets`
-    op_plan: tuple[int, ...]  # normlab::feature_norm's: `Sets`, threads, rows of partials
+    fields: tuple[int, ...]  # the same values
     sets: int
     stats_shape: tuple[int, ...]
     channels: int  # parameter-gradient partials per row: channels, or elements for LN over rows
@@ -214,7 +226,7 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
         else:  # batch: the view has groups = C
             geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
             sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
-    return _Plan((_i64 * 12)(*geometry), (*geometry, threads, part_rows), sets, stats_shape, channels, part_rows,
+    return _Plan((_i64 * 12)(*geometry), geometry, sets, stats_shape, channels, part_rows,
                  threads, stream, _DTYPES[dtype], stats_dtype(dtype))
 
 
@@ -262,18 +274,23 @@ def _sums(dy: Tensor, xv: Tensor, kind: str, dx: Tensor | None, weight, mean: Te
 
 # ---------------------------------------------------------------- BN, LN, IN, GN
 
-def apply(xv: Tensor, weight, bias, spec: NormSpec, eps: float, input: Tensor | None = None):
-    """``FeatureNormFunction.apply`` for this backend: (y, mean, rstd, var) with the autograd node in C++
-    (see the module docstring). ``weight``/``bias`` in their own shapes. ``input``: the tensor ``xv`` views;
-    when contiguous the node takes it whole and y has its shape — no view nodes in the graph."""
+def bind(xv: Tensor, spec: NormSpec):
+    """The contract's ``bind``: this geometry's call, run(x, weight, bias, eps) -> (y, mean, rstd, var), a `Plan`
+    of the library's module with its autograd node in C++ (see the module docstring). ``x``: the tensor that
+    ``xv`` views, contiguous (or ``xv`` itself); y has its shape. ``weight``/``bias`` in their own shapes."""
     plan = _plan_for(xv, _kind(spec))
-    x = input if input is not None and input.is_contiguous() else xv
-    return _feature_norm(x, weight, bias, plan.op_plan, plan.stats_shape, xv.shape, spec.dims,
-                         spec.affine_shape or (), eps)
+    return _module.Plan(plan.fields, plan.threads, plan.rows, plan.stats_shape, xv.shape, spec.dims,
+                        spec.affine_shape or ())
 
 
-def _feature_norm(*args):
-    return torch.ops.normlab.feature_norm.default._op(*args)  # (the C++ callable: one Python frame less)
+def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                   momentum: float, var_factor: float) -> bool:
+    """running ← (1 − momentum)·running + momentum·b̄ for both running estimates, b̄ the mean over rows of the
+    batch's (rows, C) statistics (var·var_factor for the variance), in one native loop; False (nothing done)
+    where that does not apply: while torch.compile traces, without the library, or for a tensor that is not a
+    contiguous float32/float64 CPU one."""
+    return (not _compiling() and library() is not None
+            and _module.update_running(running_mean, running_var, mean, var, momentum, var_factor))
 
 
 def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):

@@ -1,26 +1,30 @@
-// The native feature norm as a PyTorch operator with its autograd node in C++ (see native_backend.py).
+// The native feature norm as a Python extension (pybind11) with its autograd node in C++ (see native_backend.py).
 //
 // A small call (the study's batch of 2) costs little more than its per-call overhead, and a Python
-// autograd.Function alone costs more per call than all of torch.nn's GroupNorm. So calls that run on the
-// native kernels go through `normlab::feature_norm`, whose node keeps the contract of kernels/autograd.py:
+// autograd.Function alone costs more per call than all of torch.nn's GroupNorm; so does a custom operator's
+// generic Python binding (its schema's int lists converted on every call). So calls that run on the native
+// kernels go through a `Plan` — one geometry, built once — called as plan(x, weight, bias, eps), whose node keeps
+// the contract of kernels/autograd.py:
 //     saved       the input (no copy) and the O(N·C) statistics mean and rstd
 //     backward    the kernels' closed form (nl_backward)
 //     double      when the backward itself is differentiated (grad mode on inside it): the portable torch
 //     backward    backend's closed form on statistics recomputed from x, through the Python operator
 //                 `normlab::feature_norm_graph_backward` (native_backend.py) — one formula, in one place.
+// The module is also the library native_backend.py reaches through ctypes for Switchable Norm's passes.
 //
 // The node (FeatureNormBackward) is hand-written the way torch's generated nodes are — a Node subclass with
 // SavedVariables for x and weight and plain fields for the rest, its history set on y alone — rather than a
 // torch::autograd::Function: that one's CppNode (an IValue map of saved data, _wrap_outputs, output
 // bookkeeping for the non-differentiable statistics) cost more per call than torch's whole GroupNorm node.
-#include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster
 #include <torch/library.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -41,13 +45,14 @@ int dtype_code(at::ScalarType t) {  // native_cpu.cpp's codes
         case at::kFloat: return 0;
         case at::kBFloat16: return 1;
         case at::kDouble: return 2;
-        default: TORCH_CHECK(false, "normlab::feature_norm: expected float32, bfloat16 or float64, got ", t);
+        default: TORCH_CHECK(false, "normlab native feature norm: expected float32, bfloat16 or float64, got ", t);
     }
 }
 
 at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 const void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+void* out(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // A parameter as the contiguous statistics-dtype values the kernels read (undefined stays undefined).
 at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
@@ -66,37 +71,43 @@ bool params_in_storage_type(const std::vector<int64_t>& geometry, const at::Tens
     return true;
 }
 
-// The call's geometry as Python's plan gives it: the 12 fields of `Sets`, then threads and the partial rows.
-struct Plan {
+// One geometry of a call, built once by native_backend.py's `_plan`: the 12 fields of `Sets`, the threads,
+// the rows of parameter-gradient partials, the statistics' shape; and for the double backward the view of x
+// that the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none).
+struct Plan : std::enable_shared_from_this<Plan> {
     std::vector<int64_t> geometry;
     int threads;
     int64_t rows, channels;
+    std::vector<int64_t> stats_shape, view_shape, dims, affine_shape;
 
-    explicit Plan(at::IntArrayRef plan) : geometry(checked(plan).begin(), plan.begin() + 12) {
-        threads = int(plan[12]), rows = plan[13], channels = plan[9];
-    }
-
-    static at::IntArrayRef checked(at::IntArrayRef plan) {
-        TORCH_CHECK(plan.size() == 14, "normlab::feature_norm: a plan holds 14 values, got ", plan.size());
-        return plan;
+    Plan(std::vector<int64_t> geometry_, int threads_, int64_t rows_, std::vector<int64_t> stats_shape_,
+         std::vector<int64_t> view_shape_, std::vector<int64_t> dims_, std::vector<int64_t> affine_shape_)
+        : geometry(std::move(geometry_)), threads(threads_), rows(rows_), channels(0),
+          stats_shape(std::move(stats_shape_)), view_shape(std::move(view_shape_)), dims(std::move(dims_)),
+          affine_shape(std::move(affine_shape_)) {
+        TORCH_CHECK(geometry.size() == 12, "normlab native Plan: a geometry holds 12 values, got ", geometry.size());
+        channels = geometry[9];
     }
 };
 
 // y, mean, rstd, var (the biased σ²) of one call
-variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                          at::IntArrayRef plan_values, at::IntArrayRef stats_shape, double eps) {
-    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "normlab::feature_norm: a contiguous CPU input");
-    Plan plan(plan_values);
+variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const Plan& plan,
+                          double eps) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "normlab native feature norm: a contiguous CPU input");
+    std::vector<int64_t> geometry = plan.geometry;
     const auto acc = stats_type(x.scalar_type());
     const auto options = x.options().dtype(acc);
-    const bool as_is = params_in_storage_type(plan.geometry, x, {&weight, &bias});
-    if (as_is) plan.geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
+    const bool as_is = params_in_storage_type(geometry, x, {&weight, &bias});
+    if (as_is) geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
     const at::Tensor y = at::empty_like(x), w = as_is ? weight : kernel_param(weight, acc),
                      b = as_is ? bias : kernel_param(bias, acc);
-    const at::Tensor mean = at::empty(stats_shape, options), rstd = at::empty(stats_shape, options),
-                     var = at::empty(stats_shape, options);
-    nl_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(), data(w), data(b), mean.data_ptr(),
-               rstd.data_ptr(), var.data_ptr(), plan.geometry.data(), eps, plan.threads);
+    const at::Tensor mean = at::empty(plan.stats_shape, options), rstd = at::empty(plan.stats_shape, options),
+                     var = at::empty(plan.stats_shape, options);
+    {
+        pybind11::gil_scoped_release no_gil;  // the kernels touch no Python object
+        nl_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(), data(w), data(b), mean.data_ptr(),
+                   rstd.data_ptr(), var.data_ptr(), geometry.data(), eps, plan.threads);
+    }
     return {y, mean, rstd, var};
 }
 
@@ -115,75 +126,83 @@ struct FeatureNormBackward : public torch::autograd::Node {
 
     torch::autograd::SavedVariable x_, weight_;  // inputs: version-checked on unpack, saved-tensor hooks apply
     at::Tensor mean_, rstd_;                      // non-differentiable outputs: never require grad
-    std::vector<int64_t> plan_, view_shape_, dims_, affine_shape_, bias_shape_;
+    std::shared_ptr<const Plan> plan_;
+    std::vector<int64_t> bias_shape_;
     double eps_ = 0;
     bool has_bias_ = false;
     at::ScalarType bias_dtype_ = at::kFloat;
 };
+
+// A parameter's gradient from the backward kernel's partial sums (row 0 holds their total), in the
+// parameter's own shape and dtype.
+at::Tensor parameter_grad(const at::Tensor& partials, at::IntArrayRef shape, at::ScalarType dtype) {
+    if (!partials.defined()) return partials;
+    const at::Tensor total = (partials.size(0) == 1 ? partials : partials[0]).view(shape);
+    return total.scalar_type() == dtype ? total : total.to(dtype);
+}
 
 variable_list FeatureNormBackward::apply(variable_list&& grads) {
     std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor x = x_.unpack(), weight = weight_.unpack();
     const bool need_dx = task_should_compute_output(0), need_dw = weight.defined() && task_should_compute_output(1),
                need_db = has_bias_ && task_should_compute_output(2);
-    at::Tensor dx, dw, db;
-    if (!grads[0].defined() || !(need_dx || need_dw || need_db)) return {dx, dw, db};  // undefined dy: zero
-    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    if (!grads[0].defined() || !(need_dx || need_dw || need_db)) return {{}, {}, {}};  // undefined dy: zero
     if (at::GradMode::is_enabled()) {  // double backward: a graph through x, weight and dy
         static const auto graph_backward = c10::Dispatcher::singleton()
             .findSchemaOrThrow("normlab::feature_norm_graph_backward", "")
             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
                 at::IntArrayRef, at::IntArrayRef, double)>();
-        std::tie(dx, dw, db) = graph_backward.call(dy, x, weight.defined() ? std::optional(weight) : std::nullopt,
-                                                   view_shape_, dims_, affine_shape_, eps_);
-    } else {
-        Plan plan(plan_);
-        const auto acc = mean_.scalar_type();
-        const bool as_is = params_in_storage_type(plan.geometry, x, {&weight});
-        if (as_is) plan.geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
-        // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
-        const auto make = [&](bool needed) {
-            if (!needed) return at::Tensor();
-            const auto options = x.options().dtype(acc);
-            return plan.geometry[10] ? at::zeros({plan.rows, plan.channels}, options)
-                                     : at::empty({plan.rows, plan.channels}, options);
-        };
-        const at::Tensor w = as_is ? weight : kernel_param(weight, acc);
-        at::Tensor dw_part = make(need_dw), db_part = make(need_db);
-        if (need_dx) dx = at::empty_like(x);
-        nl_backward(dtype_code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), need_dx ? dx.data_ptr() : nullptr,
-                    data(w), mean_.data_ptr(), rstd_.data_ptr(), need_dw ? dw_part.data_ptr() : nullptr,
-                    need_db ? db_part.data_ptr() : nullptr, plan.geometry.data(), 1, plan.threads);
-        if (need_dw) dw = dw_part[0];
-        if (need_db) db = db_part[0];
+        const auto [dx, dw, db] = graph_backward.call(
+            grads[0].to(x.scalar_type()).contiguous(), x, weight.defined() ? std::optional(weight) : std::nullopt,
+            plan_->view_shape, plan_->dims, plan_->affine_shape, eps_);
+        // one gradient per edge (x, weight, bias), the parameters' in their own shapes and dtypes
+        return {need_dx ? dx : at::Tensor(), need_dw ? dw.reshape(weight.sizes()).to(weight.scalar_type()) : at::Tensor(),
+                need_db ? db.reshape(bias_shape_).to(bias_dtype_) : at::Tensor()};
     }
-    // one gradient per edge (x, weight, bias); parameter gradients in the parameters' own shapes and dtypes
-    return {need_dx ? dx : at::Tensor(), need_dw ? dw.reshape(weight.sizes()).to(weight.scalar_type()) : at::Tensor(),
-            need_db ? db.reshape(bias_shape_).to(bias_dtype_) : at::Tensor()};
+    at::AutoDispatchBelowADInplaceOrView guard;  // grad mode is off: plain tensors, as in the forward
+    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    const Plan& plan = *plan_;
+    std::vector<int64_t> geometry = plan.geometry;
+    const auto acc = mean_.scalar_type();
+    const bool as_is = params_in_storage_type(geometry, x, {&weight});
+    if (as_is) geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
+    // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
+    const auto make = [&](bool needed) {
+        if (!needed) return at::Tensor();
+        const auto options = x.options().dtype(acc);
+        return geometry[PER_ELEMENT] ? at::zeros({plan.rows, plan.channels}, options)
+                                     : at::empty({plan.rows, plan.channels}, options);
+    };
+    const at::Tensor w = as_is ? weight : kernel_param(weight, acc), dw_part = make(need_dw), db_part = make(need_db),
+                     dx = need_dx ? at::empty_like(x) : at::Tensor();
+    nl_backward(dtype_code(x.scalar_type()), dy.data_ptr(), x.data_ptr(), out(dx), data(w), mean_.data_ptr(),
+                rstd_.data_ptr(), out(dw_part), out(db_part), geometry.data(), 1, plan.threads);  // (GIL not held)
+    return {dx, parameter_grad(dw_part, weight.sizes(), weight.scalar_type()),
+            need_db ? parameter_grad(db_part, bias_shape_, bias_dtype_) : at::Tensor()};
 }
 
+// plan(x, weight, bias, eps) -> (y, mean, rstd, var): x is the input itself, in any shape, or its view
+// (plan.view_shape) that the plan describes; y has x's shape.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_norm(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    at::IntArrayRef plan, at::IntArrayRef stats_shape, at::IntArrayRef view_shape, at::IntArrayRef dims,
-    at::IntArrayRef affine_shape, double eps) {
+    const Plan& plan, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
     using torch::autograd::isFwGradDefined;
     TORCH_CHECK(!isFwGradDefined(x) && !isFwGradDefined(weight) && !isFwGradDefined(bias),
-                "normlab::feature_norm: forward-mode AD is not implemented");
+                "normlab native feature norm: forward-mode AD is not implemented");
     const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
     variable_list out;
     {  // the kernels' allocations and parameter casts: below autograd, as in torch's generated VariableType code
         at::AutoDispatchBelowADInplaceOrView guard;
-        out = run_forward(x, w, b, plan, stats_shape, eps);
+        out = run_forward(x, w, b, plan, eps);
     }
     if (torch::autograd::compute_requires_grad(x, weight, bias)) {  // grad mode on and an input requires grad
         const auto node = c10::make_intrusive<FeatureNormBackward>();
         node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
         node->x_ = torch::autograd::SavedVariable(x, false);
-        node->weight_ = torch::autograd::SavedVariable(weight, false);
+        node->weight_ = torch::autograd::SavedVariable(w, false);
         node->mean_ = out[1], node->rstd_ = out[2];
-        node->plan_ = plan.vec(), node->view_shape_ = view_shape.vec(), node->dims_ = dims.vec();
-        node->affine_shape_ = affine_shape.vec(), node->eps_ = eps;
+        node->plan_ = plan.shared_from_this(), node->eps_ = eps;
         node->has_bias_ = b.defined();
         if (b.defined()) node->bias_shape_ = b.sizes().vec(), node->bias_dtype_ = b.scalar_type();
         torch::autograd::set_history(out[0], node);  // y only: mean, rstd and var stay without history
@@ -191,14 +210,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_norm(
     return {out[0], out[1], out[2], out[3]};
 }
 
+// running ← (1 − momentum)·running + momentum·factor·b̄, b̄ the mean over rows of a (rows, C) batch statistic (BN:
+// one row; IN: one per sample), for a running buffer of C values. The buffers are not in any graph; their
+// version counter is bumped as an in-place torch op would. One loop instead of a few tensor ops, whose dispatch
+// costs more than a small BN's whole forward.
+template <typename R, typename S>
+void blend(R* running, const S* batch, int64_t channels, int64_t rows, double momentum, double factor) {
+    for (int64_t c = 0; c < channels; ++c) {
+        double sum = 0;
+        for (int64_t r = 0; r < rows; ++r) sum += double(batch[r * channels + c]);
+        running[c] = R((1 - momentum) * double(running[c]) + momentum * factor * (sum / double(rows)));
+    }
+}
+
+bool blendable(const at::Tensor& running, const at::Tensor& batch) {
+    const auto real = [](const at::Tensor& t) {
+        const auto dtype = t.scalar_type();
+        return t.device().is_cpu() && t.is_contiguous() && (dtype == at::kFloat || dtype == at::kDouble);
+    };
+    return real(running) && real(batch) && running.numel() > 0 && batch.numel() % running.numel() == 0;
+}
+
+void blend_into(const at::Tensor& running, const at::Tensor& batch, double momentum, double factor) {
+    const int64_t channels = running.numel(), rows = batch.numel() / channels;
+    const auto from_batch = [&](auto* r) {
+        if (batch.scalar_type() == at::kFloat)
+            blend(r, batch.data_ptr<float>(), channels, rows, momentum, factor);
+        else
+            blend(r, batch.data_ptr<double>(), channels, rows, momentum, factor);
+    };
+    running.scalar_type() == at::kFloat ? from_batch(running.data_ptr<float>()) : from_batch(running.data_ptr<double>());
+    running.unsafeGetTensorImpl()->bump_version();
+}
+
+// Both updates, or neither (returns false) when a tensor is not a contiguous float32/float64 CPU one of a
+// fitting size: the caller then uses tensor ops. var is the biased batch variance, var_factor m/(m − 1).
+bool update_running(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                    const at::Tensor& mean, const at::Tensor& var, double momentum, double var_factor) {
+    if ((running_mean && !blendable(*running_mean, mean)) || (running_var && !blendable(*running_var, var)))
+        return false;
+    if (running_mean) blend_into(*running_mean, mean, momentum, 1.0);
+    if (running_var) blend_into(*running_var, var, momentum, var_factor);
+    return true;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normlab, m) {
-    // x: the input itself, in any shape, or its view (view_shape) that the plan describes; y has x's shape
-    m.def("feature_norm(Tensor x, Tensor? weight, Tensor? bias, int[] plan, int[] stats_shape, int[] view_shape, "
-          "int[] dims, int[] affine_shape, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("feature_norm_graph_backward(Tensor dy, Tensor x, Tensor? weight, int[] view_shape, int[] dims, "
           "int[] affine_shape, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(normlab, CompositeImplicitAutograd, m) { m.impl("feature_norm", feature_norm); }
+PYBIND11_MODULE(_normlab_native, m) {
+    namespace py = pybind11;
+    py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan")
+        .def(py::init<std::vector<int64_t>, int, int64_t, std::vector<int64_t>, std::vector<int64_t>,
+                      std::vector<int64_t>, std::vector<int64_t>>(),
+             py::arg("geometry"), py::arg("threads"), py::arg("rows"), py::arg("stats_shape"), py::arg("view_shape"),
+             py::arg("dims"), py::arg("affine_shape"))
+        .def("__call__", &feature_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"))
+        .def_readonly("geometry", &Plan::geometry)
+        .def_readonly("threads", &Plan::threads)
+        .def_readonly("rows", &Plan::rows)
+        .def_readonly("channels", &Plan::channels)
+        .def_readonly("stats_shape", &Plan::stats_shape);
+    m.def("update_running", &update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
+          py::arg("var"), py::arg("momentum"), py::arg("var_factor"));
+}

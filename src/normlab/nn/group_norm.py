@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab._checks import check_channels, check_dims, check_eps, check_groups
+from normlab.nn._affine import affine_parameters
 from normlab.registry import register_norm
 
 
@@ -53,7 +54,8 @@ class GroupNorm(nn.Module):
         who = type(self).__name__
         check_dims(input, (2, 3, 4, 5), who, "(N, C, *spatial)")
         check_channels(input, self.num_channels, who)
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
+        weight, bias = affine_parameters(self)
+        return F.group_norm(input, self.num_groups, weight, bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         text = (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "

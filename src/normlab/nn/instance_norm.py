@@ -6,6 +6,7 @@ from torch import Tensor
 
 from normlab import functional as F
 from normlab._checks import check_channels, check_dims
+from normlab.nn._affine import affine_parameters
 from normlab.nn._running_stats import RunningStatsNorm, exponential_average_factor
 from normlab.nn.batch_norm import pick_by_dim
 from normlab.registry import register_norm
@@ -39,12 +40,13 @@ class _InstanceNorm(RunningStatsNorm):
             input = input.unsqueeze(0)
         check_channels(input, self.num_features, who)
         factor = exponential_average_factor(self)
+        weight, bias = affine_parameters(self)
         out = F.instance_norm(
             input,
             self.running_mean,
             self.running_var,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             self.training or not self.track_running_stats,
             factor,
             self.eps,

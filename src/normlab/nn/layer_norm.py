@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from normlab import functional as F
 from normlab._checks import check_eps
 from normlab.functional.layer_norm import normalized_shape_tuple
+from normlab.nn._affine import affine_parameters
 
 
 class LayerNorm(nn.Module):
@@ -47,7 +48,8 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        weight, bias = affine_parameters(self)
+        return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         text = (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
