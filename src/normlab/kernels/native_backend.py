@@ -287,8 +287,8 @@ def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean
                    momentum: float, var_factor: float) -> bool:
     """running ← (1 − momentum)·running + momentum·b̄ for both running estimates, b̄ the mean over rows of the
     batch's (rows, C) statistics (var·var_factor for the variance), in one native loop; False (nothing done)
-    where that does not apply: while torch.compile traces, without the library, or for a tensor that is not a
-    contiguous float32/float64 CPU one."""
+    where that does not apply: while torch.compile traces, without the library, or for tensors that are not
+    contiguous CPU ones (statistics in float32/float64, running buffers in any floating dtype)."""
     return (not _compiling() and library() is not None
             and _module.update_running(running_mean, running_var, mean, var, momentum, var_factor))
 

@@ -22,6 +22,7 @@
 #include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -157,7 +158,8 @@ variable_list FeatureNormBackward::apply(variable_list&& grads) {
             grads[0].to(x.scalar_type()).contiguous(), x, weight.defined() ? std::optional(weight) : std::nullopt,
             plan_->view_shape, plan_->dims, plan_->affine_shape, eps_);
         // one gradient per edge (x, weight, bias), the parameters' in their own shapes and dtypes
-        return {need_dx ? dx : at::Tensor(), need_dw ? dw.reshape(weight.sizes()).to(weight.scalar_type()) : at::Tensor(),
+        return {need_dx ? dx : at::Tensor(),
+                need_dw ? dw.reshape(weight.sizes()).to(weight.scalar_type()) : at::Tensor(),
                 need_db ? db.reshape(bias_shape_).to(bias_dtype_) : at::Tensor()};
     }
     at::AutoDispatchBelowADInplaceOrView guard;  // grad mode is off: plain tensors, as in the forward
@@ -219,16 +221,18 @@ void blend(R* running, const S* batch, int64_t channels, int64_t rows, double mo
     for (int64_t c = 0; c < channels; ++c) {
         double sum = 0;
         for (int64_t r = 0; r < rows; ++r) sum += double(batch[r * channels + c]);
-        running[c] = R((1 - momentum) * double(running[c]) + momentum * factor * (sum / double(rows)));
+        const double old = static_cast<double>(running[c]);
+        running[c] = static_cast<R>((1 - momentum) * old + momentum * factor * (sum / double(rows)));
     }
 }
 
 bool blendable(const at::Tensor& running, const at::Tensor& batch) {
-    const auto real = [](const at::Tensor& t) {
-        const auto dtype = t.scalar_type();
-        return t.device().is_cpu() && t.is_contiguous() && (dtype == at::kFloat || dtype == at::kDouble);
+    const auto fits = [](const at::Tensor& t, std::initializer_list<at::ScalarType> dtypes) {
+        return t.device().is_cpu() && t.is_contiguous() &&
+               std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end();
     };
-    return real(running) && real(batch) && running.numel() > 0 && batch.numel() % running.numel() == 0;
+    return fits(running, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) &&
+           fits(batch, {at::kFloat, at::kDouble}) && running.numel() > 0 && batch.numel() % running.numel() == 0;
 }
 
 void blend_into(const at::Tensor& running, const at::Tensor& batch, double momentum, double factor) {
@@ -239,12 +243,18 @@ void blend_into(const at::Tensor& running, const at::Tensor& batch, double momen
         else
             blend(r, batch.data_ptr<double>(), channels, rows, momentum, factor);
     };
-    running.scalar_type() == at::kFloat ? from_batch(running.data_ptr<float>()) : from_batch(running.data_ptr<double>());
+    switch (running.scalar_type()) {
+        case at::kFloat: from_batch(running.data_ptr<float>()); break;
+        case at::kDouble: from_batch(running.data_ptr<double>()); break;
+        case at::kBFloat16: from_batch(running.data_ptr<at::BFloat16>()); break;
+        default: from_batch(running.data_ptr<at::Half>());  // (`blendable` admits no other)
+    }
     running.unsafeGetTensorImpl()->bump_version();
 }
 
-// Both updates, or neither (returns false) when a tensor is not a contiguous float32/float64 CPU one of a
-// fitting size: the caller then uses tensor ops. var is the biased batch variance, var_factor m/(m − 1).
+// Both updates, or neither (returns false) when a tensor does not fit — contiguous CPU tensors of a fitting size,
+// float32/float64 statistics, floating running buffers: the caller then uses tensor ops. var is the biased batch
+// variance, var_factor m/(m − 1).
 bool update_running(const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
                     const at::Tensor& mean, const at::Tensor& var, double momentum, double var_factor) {
     if ((running_mean && !blendable(*running_mean, mean)) || (running_var && !blendable(*running_var, var)))
