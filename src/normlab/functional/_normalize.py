@@ -12,6 +12,7 @@ from torch import Tensor
 from normlab._checks import check_dims, check_eps, check_momentum, check_tensor
 from normlab._layout import from_view, to_view
 from normlab._stats import stats_dtype
+from normlab.functional._prepared import prepared
 from normlab.kernels import NormSpec, native_backend, select_backend
 from normlab.kernels.autograd import FeatureNormFunction
 from normlab.kernels.contract import Backend, variance
@@ -101,6 +102,16 @@ def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: Bac
         bv = bias.reshape(shape) if bias is not None else None
         return backend.forward(xv, wv, bv, spec, eps)
     return FeatureNormFunction.apply(xv, weight, bias, spec, eps, backend)
+
+
+def normalize_tracking(prepare: Callable, input: Tensor, weight, bias, running_mean, running_var, momentum,
+                       eps: float, backend: str | None) -> Tensor:
+    """A BN/IN call with the batch's statistics: the run ``prepare`` makes for this geometry (see
+    `normlab.functional._prepared`), then the running estimates moved toward the batch's."""
+    run = prepared(prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
+    y, mean, rstd, var = run(input, weight, bias, eps)
+    update_running_stats(running_mean, running_var, mean, var, rstd, eps, momentum, input.numel() // mean.numel())
+    return y
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor | None,

@@ -10,9 +10,8 @@ from normlab.functional._normalize import (
     apply_channel_stats,
     check_running_norm_args,
     feature_call,
-    update_running_stats,
+    normalize_tracking,
 )
-from normlab.functional._prepared import prepared
 from normlab.kernels.contract import group_spec
 
 WHO = "instance_norm"
@@ -37,10 +36,7 @@ def instance_norm(
     per-instance unbiased variances — with PyTorch's momentum. Otherwise the running estimates are used.
     """
     if use_input_stats:
-        run = prepared(_prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
-        y, mean, rstd, var = run(input, weight, bias, eps)
-        update_running_stats(running_mean, running_var, mean, var, rstd, eps, momentum, input.numel() // mean.numel())
-        return y
+        return normalize_tracking(_prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
     _check(input, weight, bias, running_mean, running_var, momentum, eps)
     if running_mean is None or running_var is None:
         raise ValueError(f"{WHO}: use_input_stats=False normalizes with running_mean and running_var, got None")

@@ -148,7 +148,7 @@ _OPS = torch.library.Library("normlab", "IMPL")  # Python implementations of the
 
 
 def _graph_backward(dy: Tensor, x: Tensor, weight: Tensor | None, view_shape, dims, affine_shape, eps: float):
-    """normlab::feature_norm's double backward (its node calls this with grad mode on): the torch backend's
+    """The native node's double backward (FeatureNormBackward calls this with grad mode on): the torch backend's
     closed form on statistics recomputed from x, so that autograd records a graph through x, weight and dy —
     what `kernels.autograd` does for every backend. Returns dx in x's shape, dweight and dbias in the
     affine shape."""
