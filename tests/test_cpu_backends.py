@@ -25,7 +25,7 @@ from conftest import TOL, assert_close, randn
 from normlab import reference
 from normlab._layout import to_view
 from normlab.functional._prepared import clear_prepared
-from normlab.kernels import NormSpec, cpu_backend, native_backend, select_backend
+from normlab.kernels import NormSpec, SwitchSpec, cpu_backend, native_backend, select_backend
 
 EPS = 1e-5
 
@@ -360,6 +360,31 @@ def test_gradcheck_switch_norm_float64(backend, route):
     inputs = [x] + [randn(*s, seed=k, dtype=torch.float64).requires_grad_() for k, s in
                     enumerate([(3,), (3,), (3,), (3,)], start=2)]
     assert gradcheck(fn, tuple(inputs))
+    assert gradgradcheck(fn, tuple(inputs))  # the native node's double backward: the torch backend's closed form
+
+
+@pytest.mark.parametrize("sources", [("in", "ln", "bn"), ("ln", "bn"), ("in", "ln")], ids="+".join)
+@pytest.mark.parametrize("authors_compat", [False, True], ids=["ours", "authors"])
+def test_switch_norm_eval_and_partial_gradients(sources, authors_compat, backend, route):
+    """Eval mode with a running BN source (constants in the mix), gradients of only some inputs, and bias without
+    weight — each against the torch backend, float64."""
+    shape = (3, 4, 2, 3) if "in" in sources else (5, 4)
+    x = randn(*shape, seed=1, dtype=torch.float64)
+    ml, vl = randn(len(sources), seed=2, dtype=torch.float64), randn(len(sources), seed=3, dtype=torch.float64)
+    b = randn(4, seed=4, dtype=torch.float64)
+    rm, rv = 0.1 * randn(4, seed=5, dtype=torch.float64), torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
+    dy = randn(*shape, seed=6, dtype=torch.float64)
+    for training, wanted in ((False, "x"), (False, "mean_logits"), (True, "bias"), (True, "var_logits")):
+        results = []
+        for name in (backend, "torch"):
+            inputs = {"x": x.clone(), "mean_logits": ml.clone(), "var_logits": vl.clone(), "bias": b.clone()}
+            inputs[wanted].requires_grad_()
+            y = NF.switch_norm(inputs["x"], inputs["mean_logits"], inputs["var_logits"], None, inputs["bias"], rm, rv,
+                               training, 0.1, EPS, sources=sources, authors_compat=authors_compat, backend=name)
+            (grad,) = torch.autograd.grad(y, inputs[wanted], dy)
+            results.append((y.detach(), grad))
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, **F64_TOL)
 
 
 @pytest.mark.parametrize("case", [Case("bn", (4, 8, 6, 6)), Case("gn", (4, 8, 6, 6), {"groups": 4}),
@@ -386,8 +411,8 @@ def test_saves_only_input_and_statistics(case, backend, route):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_native_contract_functions_match_torch_backend(dtype, route):
-    """The native backend's contract `forward`/`backward` (the ctypes path; normlab.functional uses its C++
-    node, `apply`) agree with the portable torch backend on every kind of view."""
+    """The native backend's contract functions (the feature norms' ctypes path, SN's pair; normlab.functional uses
+    their C++ nodes) agree with the portable torch backend on every kind of view."""
     if native_backend.library() is None:
         pytest.skip("the native kernels could not be built here (see the warning)")
     from normlab.kernels import torch_backend
@@ -409,5 +434,26 @@ def test_native_contract_functions_match_torch_backend(dtype, route):
         needs = (True, True, True)
         grads = native_backend.backward(dy, xv, w, want[1], want[2], spec, needs)
         expected = torch_backend.backward(dy, xv, w, want[1], want[2], spec, needs)
+        for g, t in zip(grads, expected, strict=True):
+            torch.testing.assert_close(g, t.to(g.dtype), **tol)
+    # Switchable Norm's pair (the same C++ as its node), with a running BN source and with the batch's
+    w, b = 1 + 0.5 * randn(6, seed=2, dtype=dtype), randn(6, seed=3, dtype=dtype)
+    ml, vl = randn(3, seed=6, dtype=dtype), randn(3, seed=7, dtype=dtype)
+    xv, view = to_view(x, 6)
+    shape = view.affine_shape(6)
+    rm, rv = 0.1 * randn(6, seed=8, dtype=dtype).view(shape), torch.linspace(0.5, 2, 6, dtype=dtype).view(shape)
+    dy = randn(*xv.shape, seed=4, dtype=dtype)
+    for running_bn in (False, True):
+        spec = SwitchSpec(view, ("in", "ln", "bn"), running_bn, False, shape)
+        args = (xv, w.view(shape), b.view(shape), ml, vl, rm, rv, spec, EPS)
+        got, want = native_backend.switch_forward(*args), torch_backend.switch_forward(*args)
+        for g, t in zip(got, want, strict=True):
+            if t is None:
+                assert g is None
+            else:
+                torch.testing.assert_close(g, t.to(g.dtype), **tol)
+        backward_args = (dy, xv, w.view(shape), ml, vl, rm, rv, *want[1:3], spec, EPS, (True,) * 5)
+        grads = native_backend.switch_backward(*backward_args)
+        expected = torch_backend.switch_backward(*backward_args)
         for g, t in zip(grads, expected, strict=True):
             torch.testing.assert_close(g, t.to(g.dtype), **tol)

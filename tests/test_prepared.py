@@ -29,7 +29,14 @@ def good_calls():
                                             kw.get("eps", EPS)),
         "ln": lambda **kw: NF.layer_norm(kw.get("x", x), kw.get("shape", [4, 4]), kw.get("weight", None), None,
                                          kw.get("eps", EPS)),
+        "sn": lambda **kw: switch_norm_call(x, c, **kw),
     }
+
+
+def switch_norm_call(default_x, c, x=None, mean_logits=None, sources=("in", "ln", "bn"), training=True):
+    logits = torch.zeros(len(sources))
+    return NF.switch_norm(default_x if x is None else x, logits if mean_logits is None else mean_logits, logits, c,
+                          None, torch.zeros(6), torch.ones(6), training, 0.1, EPS, sources=sources)
 
 
 BAD = [  # (method, changed argument, message): the same call as a good one but for this argument
@@ -45,6 +52,10 @@ BAD = [  # (method, changed argument, message): the same call as a good one but 
     ("ln", {"weight": torch.ones(4, 3)}, r"weight must have shape \(4, 4\)"),
     ("ln", {"shape": [4, 5]}, r"expected input with shape \(\*, 4, 5\)"),
     ("ln", {"x": [1.0, 2.0]}, r"expects a torch.Tensor input"),
+    ("sn", {"mean_logits": torch.zeros(2)}, r"mean_logits must have 3 elements"),
+    ("sn", {"sources": ("in", "ln", "ln")}, r"sources must be distinct names"),
+    ("sn", {"x": torch.randn(1, 6), "sources": ("ln", "bn")}, r"expected more than 1 value per channel"),
+    ("sn", {"x": torch.randn(2, 6, 1, 1), "training": False}, r"instance statistics need more than one position"),
 ]
 
 

@@ -110,20 +110,20 @@ def normalize_tracking(prepare: Callable, input: Tensor, weight, bias, running_m
     `normlab.functional._prepared`), then the running estimates moved toward the batch's."""
     run = prepared(prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
     y, mean, rstd, var = run(input, weight, bias, eps)
-    update_running_stats(running_mean, running_var, mean, var, rstd, eps, momentum, input.numel() // mean.numel())
+    if running_mean is not None or running_var is not None:
+        m = input.numel() // mean.numel()  # values per statistic: the running variance is unbiased, σ²·m/(m − 1)
+        update_running_stats(running_mean, running_var, mean, variance(var, rstd, eps), momentum, m / (m - 1))
     return y
 
 
-def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor | None,
-                         rstd: Tensor, eps: float, momentum: float | Tensor, per_statistic: int) -> None:
-    """`update_running` for both estimates from a forward's statistics of C channels: BN's one per channel, IN's
-    one per (sample, channel), averaged over the samples. ``var`` is the biased σ² (None: from rstd, see
-    `variance`); the running variance takes the unbiased σ²·m/(m − 1), m = ``per_statistic`` values. On the CPU
-    one native loop does both (tensor ops cost more than a small BN's whole forward)."""
+def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,
+                         momentum: float | Tensor, var_factor: float) -> None:
+    """`update_running` for both estimates from a batch's statistics of C channels: one per channel (BN), or
+    one per (sample, channel) (IN), averaged over the samples. The running variance takes var·``var_factor``
+    (m/(m − 1) for the unbiased σ² of a biased ``var`` over m values). On the CPU one native loop does both
+    (tensor ops cost more than a small BN's whole forward)."""
     if running_mean is None and running_var is None:
         return
-    var = variance(var, rstd, eps)
-    var_factor = per_statistic / (per_statistic - 1)
     if not isinstance(momentum, Tensor) and native_backend.update_running(
         running_mean, running_var, mean, var, momentum, var_factor
     ):

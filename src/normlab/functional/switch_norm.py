@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -12,8 +14,9 @@ from normlab.functional._normalize import (
     check_param,
     check_running_norm_args,
     needs_graph,
-    update_running,
+    update_running_stats,
 )
+from normlab.functional._prepared import prepared
 from normlab.kernels import SwitchSpec, select_backend
 from normlab.kernels.autograd import SwitchNormFunction
 from normlab.kernels.contract import SOURCES
@@ -69,6 +72,55 @@ def switch_norm(
     and the LN/BN variances are derived from it; for inputs with one position per channel ((N, C), their
     SwitchNorm1d) the LN/BN variances are the unbiased ones over C and over N.
     """
+    call = prepared(_prepare, input, weight, bias, mean_logits, var_logits, running_mean, running_var, training,
+                    momentum, eps, sources, authors_compat, backend)
+    y, batch_mean, batch_var = call.run(input, weight, bias, mean_logits, var_logits, running_mean, running_var, eps)
+    if training and batch_mean is not None:
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, call.var_factor)
+    return y
+
+
+class SwitchCall(NamedTuple):
+    """A prepared SN geometry: run(input, weight, bias, mean_logits, var_logits, running_mean, running_var, eps)
+    -> (y, batch_mean, batch_var), the batch's BN statistics (σ² as mixed) or None; and the factor that turns that
+    σ² into the running variance's target (the unbiased m/(m − 1), or 1 under authors_compat)."""
+
+    run: Callable
+    var_factor: float
+
+
+class GeneralSwitch(NamedTuple):
+    """The run of a backend without its own SN node (or of an input that is not contiguous): view the input with
+    G = C on each call and go through `SwitchNormFunction`."""
+
+    channels: int
+    spec: SwitchSpec
+    backend: object
+
+    def __call__(self, input, weight, bias, mean_logits, var_logits, running_mean, running_var, eps):
+        xv, view = to_view(input, self.channels)
+        shape = self.spec.affine_shape
+        inputs = (
+            xv,
+            weight.reshape(shape) if weight is not None else None,
+            bias.reshape(shape) if bias is not None else None,
+            mean_logits.reshape(-1),
+            var_logits.reshape(-1),
+            running_mean.reshape(shape) if self.spec.running_bn else None,
+            running_var.reshape(shape) if self.spec.running_bn else None,
+        )
+        if needs_graph(*inputs[:5]):
+            yv, batch_mean, batch_var = SwitchNormFunction.apply(*inputs, self.spec, eps, self.backend)
+            if not batch_mean.numel():  # (the Function's stand-in for None)
+                batch_mean = batch_var = None
+        else:  # inference: no autograd node to record
+            yv, _, _, batch_mean, batch_var = self.backend.switch_forward(*inputs, self.spec, eps)
+        return from_view(yv, view), batch_mean, batch_var
+
+
+def _prepare(input, weight, bias, mean_logits, var_logits, running_mean, running_var, training, momentum, eps,
+             sources, authors_compat, backend) -> SwitchCall:
+    """Checks and binding of one geometry (see `normlab.functional._prepared`)."""
     who = "switch_norm"
     channels = check_running_norm_args(
         input, who, eps, momentum, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
@@ -76,34 +128,17 @@ def switch_norm(
     sources = check_sources(sources, who)
     positions = check_mixing(input, sources, mean_logits, var_logits, who)
     running_bn = "bn" in sources and not training and running_mean is not None and running_var is not None
+    count = input.shape[0] * positions
     if "bn" in sources and not running_bn:
         check_batch_values(
-            input, input.shape[0] * positions, who,
+            input, count, who,
             "; batch statistics need a batch: build the layer with using_bn=False to mix only IN and LN",
         )
-
     xv, view = to_view(input, channels)
-    affine_shape = view.affine_shape(channels)
-    spec = SwitchSpec(view, sources, running_bn, authors_compat, affine_shape)
+    spec = SwitchSpec(view, sources, running_bn, authors_compat, view.affine_shape(channels))
     chosen = select_backend(backend, xv, spec)
-    inputs = (
-        xv,
-        weight.reshape(affine_shape) if weight is not None else None,
-        bias.reshape(affine_shape) if bias is not None else None,
-        mean_logits.reshape(-1),
-        var_logits.reshape(-1),
-        running_mean.reshape(affine_shape) if running_bn else None,
-        running_var.reshape(affine_shape) if running_bn else None,
-    )
-    if needs_graph(*inputs[:5]):
-        yv, batch_mean, batch_var = SwitchNormFunction.apply(*inputs, spec, eps, chosen)
-    else:  # inference: no autograd node to record
-        yv, _, _, batch_mean, batch_var = chosen.switch_forward(*inputs, spec, eps)
-        if batch_mean is None:
-            batch_mean = yv.new_empty(0)
-    if training and batch_mean.numel():
-        count = input.shape[0] * positions
-        unbias = 1.0 if authors_compat else count / (count - 1)
-        update_running(running_mean, batch_mean, momentum)
-        update_running(running_var, batch_var * unbias, momentum)
-    return from_view(yv, view)
+    var_factor = 1.0 if authors_compat or count < 2 else count / (count - 1)
+    own_node = getattr(chosen, "bind_switch", None)  # a backend with its own SN node (the native one)
+    if own_node is not None and input.is_contiguous():
+        return SwitchCall(own_node(xv, spec), var_factor)
+    return SwitchCall(GeneralSwitch(channels, spec, chosen), var_factor)

@@ -47,13 +47,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from normlab._layout import to_view
 from normlab._stats import moments, stats_dtype
 from normlab.kernels import torch_backend
 from normlab.kernels.contract import NormSpec, SwitchSpec
 
 name = "native"
 
-SOURCES = (Path(__file__).with_name("native_cpu.cpp"), Path(__file__).with_name("native_ops.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_cpu.cpp", "native_ops.cpp", "native_switch.cpp"))
+HEADERS = (Path(__file__).with_name("native_ops.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
 STREAM_MIN = 1 << 24  # outputs of this many bytes and more are written past the cache (non-temporal stores)
@@ -120,7 +122,7 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CXX", "c++")
     key = hashlib.sha256("\0".join(
-        [*(source.read_text() for source in SOURCES), compiler, *FLAGS, torch.__version__, _cpu_tag(), sys.platform]
+        [*(source.read_text() for source in SOURCES + HEADERS), compiler, *FLAGS, torch.__version__, _cpu_tag(), sys.platform]
     ).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native_cpu-{key}.so"
     try:
@@ -137,9 +139,8 @@ def library() -> ctypes.CDLL | None:
                                ctypes.c_int]
     lib.nl_backward.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, ctypes.c_int,
                                 ctypes.c_int]
-    lib.nl_cell_combine.argtypes = [ctypes.c_int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int,
-                                    ctypes.c_int]
     _OPS.impl("feature_norm_graph_backward", _graph_backward, "CompositeImplicitAutograd")
+    _OPS.impl("switch_norm_graph_backward", _switch_graph_backward, "CompositeImplicitAutograd")
     _module = module
     return lib
 
@@ -310,59 +311,49 @@ def backward(dy: Tensor, xv: Tensor, weight, mean: Tensor, rstd: Tensor, spec: N
 
 # ---------------------------------------------------------------- Switchable Norm
 
-def _cell_combine(dy: Tensor | None, xv: Tensor, a: Tensor | None, k: Tensor, centre: Tensor, c: Tensor) -> Tensor:
-    """out = a·dy + k·(x − centre) + c with one coefficient of each per (n, c) cell."""
-    n, channels, _, positions = xv.shape
-    plan = _plan_for(xv, "group")
-    out = torch.empty_like(xv)
-    coefficients = [None if t is None else t.expand(n, channels, 1, 1).reshape(n, channels).to(plan.acc).contiguous()
-                    for t in (a, k, centre, c)]
-    library().nl_cell_combine(plan.code, _addr(dy), xv.data_ptr(), out.data_ptr(), *(_addr(t) for t in coefficients),
-                              n * channels, positions, plan.stream, plan.threads)
-    return out
+_SOURCE_CODES = {"in": 0, "ln": 1, "bn": 2}  # native_switch.cpp's
+
+
+def bind_switch(xv: Tensor, spec: SwitchSpec):
+    """This geometry's SN call, a `SwitchPlan` of the library's module (native_switch.cpp: the mix in C++ between
+    two passes over memory each way, its autograd node in C++):
+    plan(x, weight, bias, mean_logits, var_logits, running_mean, running_var, eps) -> (y, batch_mean, batch_var),
+    ``x`` the contiguous tensor that ``xv`` views (y in its shape), the other tensors in their own shapes;
+    batch_mean/batch_var (C,) the batch's BN source (σ² as mixed, before any unbiasing) or None."""
+    plan = _plan_for(xv, "group")  # one statistics set per (n, c) cell
+    return _module.SwitchPlan(plan.fields, plan.threads, [_SOURCE_CODES[s] for s in spec.sources],
+                              ",".join(spec.sources), spec.running_bn, spec.authors_compat)
 
 
 def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
-    #   per-(n, c) moments (one pass), mixed as the torch backend does:
-    #   μ = Σ_k softmax(λ)_k μ_k,  σ² = Σ_k softmax(λ')_k σ²_k;  y = (x − μ)·r·γ + β  (a second pass)
-    n, channels, _, positions = xv.shape
-    mean_in, _, var_in = _moments(xv, "group", None, None, None, eps)  # G = C: one set per cell
-    sources, _, _, mean, rstd = torch_backend.switch_mix(
-        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
-    )
-    acc = mean_in.dtype
-    scale = rstd if weight is None else rstd * weight.to(acc).view(1, channels, 1, 1)
-    shift = mean_in.new_zeros(1) if bias is None else bias.to(acc).view(1, channels, 1, 1)
-    y = _cell_combine(None, xv, None, scale, mean, shift)
-    batch_mean = batch_var = None
-    if "bn" in spec.sources and not spec.running_bn:
-        batch_mean, batch_var = sources[spec.sources.index("bn")][:2]
-    return y, mean_in, var_in, batch_mean, batch_var
+    #   the contract's pair: the same C++ as `bind_switch`'s plan, without its node
+    n, channels = xv.shape[:2]
+    y, mean_in, var_in, batch_mean, batch_var = bind_switch(xv, spec).forward(
+        xv, weight, bias, mean_logits, var_logits, running_mean, running_var, eps)
+    if batch_mean is not None:
+        batch_mean, batch_var = batch_mean.view(1, channels, 1, 1), batch_var.view(1, channels, 1, 1)
+    return y, mean_in.view(n, channels, 1, 1), var_in.view(n, channels, 1, 1), batch_mean, batch_var
 
 
 def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
                     mean_in, var_in, spec, eps, needs):
-    #   per (n, c) cell, with g = dy·γ and x̂ = (x − μ)·r (mixed statistics):
-    #       S1 = Σ_pos dy,  S2 = Σ_pos dy·x̂              one pass (the backward kernel's sums)
-    #       Gμ = −r γ S1,   Gσ = −½ r² γ S2
-    #       dx = γ r · dy + coef·(x − μ_in) + shift     coef, shift: torch_backend.switch_input_terms; one pass
-    #   dγ = Σ_n S2,  dβ = Σ_n S1
-    n, channels, _, positions = xv.shape
-    sources, w, w_var, mean, rstd = torch_backend.switch_mix(
-        mean_in, var_in, running_mean, running_var, mean_logits, var_logits, spec, positions, eps
-    )
-    mean, rstd = mean.expand(n, channels, 1, 1), rstd.expand(n, channels, 1, 1)  # mixes may broadcast
-    dy = dy.to(xv.dtype).contiguous()
-    s2, s1 = _sums(dy, xv, "group", None, None, mean.reshape(n, channels), rstd.reshape(n, channels), True, True,
-                   sum_rows=False)
-    dx_terms, dweight, dbias, dmean_logits, dvar_logits = torch_backend.switch_grads_from_sums(
-        s1.view(n, channels, 1, 1), s2.view(n, channels, 1, 1), weight, mean_in, sources, w, w_var, rstd, spec,
-        positions, needs,
-    )
-    dx = None
-    if dx_terms is not None:
-        scale, coef, shift = dx_terms
-        if coef is None:  # no batch-dependent source: dx = γ r·dy
-            coef = shift = mean_in.new_zeros(1)
-        dx = _cell_combine(dy, xv, scale, coef, mean_in, shift)
-    return dx, dweight, dbias, dmean_logits, dvar_logits
+    return tuple(bind_switch(xv, spec).backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,
+                                                mean_in, var_in, eps, list(needs), spec.affine_shape or (1, 1, 1, 1)))
+
+
+def _switch_graph_backward(dy: Tensor, x: Tensor, weight: Tensor | None, has_bias: bool, mean_logits: Tensor,
+                           var_logits: Tensor, running_mean: Tensor | None, running_var: Tensor | None, sources: str,
+                           running_bn: bool, authors_compat: bool, eps: float):
+    """The SN node's double backward (SwitchNormBackward calls this with grad mode on): the torch backend's closed
+    form on moments recomputed from x, recorded by autograd. Returns dx in x's shape and the gradients of weight,
+    bias, mean_logits and var_logits (flat; empty where absent)."""
+    channels = x.shape[1]
+    xv, view = to_view(x, channels)
+    spec = SwitchSpec(view, tuple(sources.split(",")), running_bn, authors_compat, view.affine_shape(channels))
+    mean_in, var_in = moments(xv, view.group_dims)
+    shaped = [None if t is None else t.reshape(spec.affine_shape) for t in (weight, running_mean, running_var)]
+    needs = (True, weight is not None, has_bias, True, True)
+    grads = torch_backend.switch_backward(dy.reshape(xv.shape), xv, shaped[0], mean_logits.reshape(-1),
+                                          var_logits.reshape(-1), *shaped[1:], mean_in, var_in, spec, eps, needs)
+    none = xv.new_empty(0)  # the schema's stand-in for "not computed"
+    return (grads[0].reshape(x.shape), *(none if g is None else g.reshape(-1) for g in grads[1:]))

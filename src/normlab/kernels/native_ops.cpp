@@ -10,16 +10,18 @@
 //     double      when the backward itself is differentiated (grad mode on inside it): the portable torch
 //     backward    backend's closed form on statistics recomputed from x, through the Python operator
 //                 `normlab::feature_norm_graph_backward` (native_backend.py) — one formula, in one place.
-// The module is also the library native_backend.py reaches through ctypes for Switchable Norm's passes.
+// Switchable Norm's plan and node are in native_switch.cpp. The module is also the library that native_backend.py
+// reaches through ctypes for the contract's forward and backward.
 //
 // The node (FeatureNormBackward) is hand-written the way torch's generated nodes are — a Node subclass with
 // SavedVariables for x and weight and plain fields for the rest, its history set on y alone — rather than a
 // torch::autograd::Function: that one's CppNode (an IValue map of saved data, _wrap_outputs, output
 // bookkeeping for the non-differentiable statistics) cost more per call than torch's whole GroupNorm node.
+#include "native_ops.h"
+
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,29 +32,13 @@
 #include <string>
 #include <vector>
 
-extern "C" {
-int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, void* mean, void* rstd, void* var,
-               const int64_t* geometry, double eps, int threads);
-int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* w, const void* mean,
-                const void* rstd, void* dw_part, void* db_part, const int64_t* geometry, int sum_rows, int threads);
-}
-
 namespace {
 
+using normlab_native::data;
+using normlab_native::dtype_code;
+using normlab_native::stats_type;
 using torch::autograd::variable_list;
 
-int dtype_code(at::ScalarType t) {  // native_cpu.cpp's codes
-    switch (t) {
-        case at::kFloat: return 0;
-        case at::kBFloat16: return 1;
-        case at::kDouble: return 2;
-        default: TORCH_CHECK(false, "normlab native feature norm: expected float32, bfloat16 or float64, got ", t);
-    }
-}
-
-at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-const void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 void* out(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // A parameter as the contiguous statistics-dtype values the kernels read (undefined stays undefined).
@@ -286,4 +272,5 @@ PYBIND11_MODULE(_normlab_native, m) {
         .def_readonly("stats_shape", &Plan::stats_shape);
     m.def("update_running", &update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
           py::arg("var"), py::arg("momentum"), py::arg("var_factor"));
+    normlab_native::define_switch_norm(m);
 }
