@@ -457,3 +457,23 @@ def test_native_contract_functions_match_torch_backend(dtype, route):
         expected = torch_backend.switch_backward(*backward_args)
         for g, t in zip(grads, expected, strict=True):
             torch.testing.assert_close(g, t.to(g.dtype), **tol)
+
+
+def test_native_nodes_are_the_ones_recorded():
+    """Contiguous CPU calls record the native library's C++ nodes (not a Python Function, which costs more per call
+    than a small layer's kernels); channels_last SN and a whole-tensor WN norm record the Python Functions."""
+    if native_backend.library() is None:
+        pytest.skip("the native kernels could not be built here (see the warning)")
+    from normlab.functional import weight_normalized
+
+    x = randn(2, 4, 3, 3, seed=1).requires_grad_()
+    logits = torch.zeros(3, requires_grad=True)
+    assert NF.group_norm(x, 2).grad_fn.name() == "FeatureNormBackward"
+    assert NF.switch_norm(x, logits, logits, training=True).grad_fn.name() == "SwitchNormBackward"
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert NF.switch_norm(channels_last, logits, logits, training=True).grad_fn.name() != "SwitchNormBackward"
+    v = randn(5, 4, 3, seed=2).requires_grad_()
+    g = torch.ones(5, 1, 1, requires_grad=True)
+    assert weight_normalized(v, g, 0).grad_fn.name() == "WeightNormBackward"
+    g_middle = torch.ones(1, 4, 1, requires_grad=True)  # the middle axis: not what the fused kernels take
+    assert weight_normalized(v, g_middle, 1).grad_fn.name() != "WeightNormBackward"

@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from normlab._stats import stats_dtype
+from normlab.kernels import native_backend
 
-__all__ = ["norm_except_dim", "weight_normalized"]
-
-
+__all__ = ["closed_form_backward", "norm_except_dim", "weight_normalized"]
 
 
 def _reduce_axes(ndim: int, dim: int | None) -> list[int]:
@@ -75,25 +74,40 @@ class _WeightNormFunction(torch.autograd.Function):
         if not torch.is_grad_enabled() and _fused_applies(v, g, ctx.dim) and dw.dtype == v.dtype:
             dv, dg = torch.ops.aten._weight_norm_interface_backward(dw.contiguous(), v, g, norms, ctx.dim)
             return dv, dg, None
-        cdt = stats_dtype(v.dtype, g.dtype, dw.dtype)
-        v_, g_, dw_ = v.to(cdt), g.to(cdt), dw.to(cdt)
-        # like g; recomputed when this backward is differentiated (a function of v again)
-        n = norm_except_dim(v_, ctx.dim) if torch.is_grad_enabled() else norms.to(cdt)
-        # ∇g = Σ ∇w · v / ‖v‖                      (sum over every axis but dim)
-        # ∇v = (g/‖v‖) ∇w − (g ∇g / ‖v‖²) v        (so ∇v ⟂ v)
-        dg = _sum_except_dim(dw_ * v_, ctx.dim) / n  # like g
-        dv = (g_ / n) * dw_ - (g_ * dg / n.square()) * v_  # like v
-        return dv.to(v.dtype), dg.to(g.dtype), None
+        # the norms are recomputed when this backward is differentiated (a function of v again)
+        dv, dg = closed_form_backward(dw, v, g, ctx.dim, None if torch.is_grad_enabled() else norms)
+        return dv, dg, None
+
+
+def closed_form_backward(dw: Tensor, v: Tensor, g: Tensor, dim: int | None,
+                         norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(∇v, ∇g) of w = g · v/‖v‖ given ∇w, in float32 at least; ``norms`` None: ‖v‖ computed from v here (so a
+    recorded graph differentiates it). Also the native node's double backward (native_weight_norm.cpp)."""
+    cdt = stats_dtype(v.dtype, g.dtype, dw.dtype)
+    v_, g_, dw_ = v.to(cdt), g.to(cdt), dw.to(cdt)
+    n = norm_except_dim(v_, dim) if norms is None else norms.to(cdt)  # like g
+    # ∇g = Σ ∇w · v / ‖v‖                      (sum over every axis but dim)
+    # ∇v = (g/‖v‖) ∇w − (g ∇g / ‖v‖²) v        (so ∇v ⟂ v)
+    dg = _sum_except_dim(dw_ * v_, dim) / n  # like g
+    dv = (g_ / n) * dw_ - (g_ * dg / n.square()) * v_  # like v
+    return dv.to(v.dtype), dg.to(g.dtype)
 
 
 def weight_normalized(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
     """w = g · v / ‖v‖, the norm over every axis of v but ``dim`` (all axes when None).
 
     g has v's shape with 1 on every axis but ``dim`` (0-d for ``dim=None``): torch's `norm_except_dim`
-    layout. Gradients are SPEC §1's closed form. Norms are computed in float32 at least.
+    layout. Gradients are SPEC §1's closed form. Norms are computed in float32 at least. On the CPU, where
+    ATen's fused kernels apply, the autograd node is the native library's (C++: a Python Function costs more
+    per call than the kernels of a small layer); under torch.func transforms and torch.compile, and elsewhere,
+    it is `_WeightNormFunction`.
     """
     if dim is not None and v.dim():
         dim = dim % v.dim()  # negative dims count from the end
+    if v.is_cpu and _fused_applies(v, g, dim) and not torch._C._are_functorch_transforms_active():
+        node = native_backend.weight_norm_node()
+        if node is not None:
+            return node(v, g, dim)
     return _WeightNormFunction.apply(v, g, dim)[0]
 
 

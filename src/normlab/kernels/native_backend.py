@@ -18,8 +18,9 @@ Per-call overhead: BN/LN/IN/GN calls from normlab.functional go through `bind`, 
 from the library's Python module (pybind11), called with the tensors; its autograd node is in C++ (the contract
 of `kernels.autograd`, see native_ops.cpp): a Python autograd.Function alone costs more per call than
 torch.nn's whole GroupNorm, and so does a custom operator's generic binding. The backend's
-`forward`/`backward` (the contract's functions, used by Switchable Norm's passes and by callers of the
-contract) reach the same kernels through ctypes.
+`forward`/`backward` (the contract's functions, for callers of the contract) reach the same kernels through
+ctypes. Switchable Norm likewise has a plan with its node in C++ (`bind_switch`, native_switch.cpp), and Weight
+Normalization a node around ATen's fused kernels (`weight_norm_node`, native_weight_norm.cpp).
 
 Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``; torch's
 and Python's headers, torch's libraries) into ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by
@@ -54,7 +55,8 @@ from normlab.kernels.contract import NormSpec, SwitchSpec
 
 name = "native"
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("native_cpu.cpp", "native_ops.cpp", "native_switch.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("native_cpu.cpp", "native_ops.cpp", "native_switch.cpp", "native_weight_norm.cpp"))
 HEADERS = (Path(__file__).with_name("native_ops.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
@@ -141,6 +143,9 @@ def library() -> ctypes.CDLL | None:
                                 ctypes.c_int]
     _OPS.impl("feature_norm_graph_backward", _graph_backward, "CompositeImplicitAutograd")
     _OPS.impl("switch_norm_graph_backward", _switch_graph_backward, "CompositeImplicitAutograd")
+    from normlab.functional.weight_norm import closed_form_backward  # (functional imports this module)
+
+    _OPS.impl("weight_norm_graph_backward", closed_form_backward, "CompositeImplicitAutograd")
     _module = module
     return lib
 
@@ -292,6 +297,12 @@ def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean
     contiguous CPU ones (statistics in float32/float64, running buffers in any floating dtype)."""
     return (not _compiling() and library() is not None
             and _module.update_running(running_mean, running_var, mean, var, momentum, var_factor))
+
+
+def weight_norm_node():
+    """The library's ``weight_norm(v, g, dim) -> w`` (native_weight_norm.cpp: ATen's fused weight-norm kernels behind
+    an autograd node in C++), or None without the library or while torch.compile traces."""
+    return None if _compiling() or library() is None else _module.weight_norm
 
 
 def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):

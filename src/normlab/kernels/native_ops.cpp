@@ -10,7 +10,7 @@
 //     double      when the backward itself is differentiated (grad mode on inside it): the portable torch
 //     backward    backend's closed form on statistics recomputed from x, through the Python operator
 //                 `normlab::feature_norm_graph_backward` (native_backend.py) — one formula, in one place.
-// Switchable Norm's plan and node are in native_switch.cpp. The module is also the library that native_backend.py
+// Switchable Norm's plan and node are in native_switch.cpp, Weight Normalization's node in native_weight_norm.cpp. The module is also the library that native_backend.py
 // reaches through ctypes for the contract's forward and backward.
 //
 // The node (FeatureNormBackward) is hand-written the way torch's generated nodes are — a Node subclass with
@@ -273,4 +273,5 @@ PYBIND11_MODULE(_normlab_native, m) {
     m.def("update_running", &update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
           py::arg("var"), py::arg("momentum"), py::arg("var_factor"));
     normlab_native::define_switch_norm(m);
+    normlab_native::define_weight_norm(m);
 }

@@ -1,5 +1,6 @@
-// What the Python extension's two sources share (native_ops.cpp: the feature norms' Plan and the module;
-// native_switch.cpp: Switchable Norm's): the kernels' entry points (native_cpu.cpp) and their dtype codes.
+// What the Python extension's sources share (native_ops.cpp: the feature norms' Plan and the module;
+// native_switch.cpp: Switchable Norm's plan; native_weight_norm.cpp: Weight Normalization's node): the kernels'
+// entry points (native_cpu.cpp) and their dtype codes.
 #pragma once
 
 #include <torch/csrc/utils/pybind.h>  // pybind11 and its at::Tensor caster
@@ -33,5 +34,8 @@ inline const void* data(const at::Tensor& t) { return t.defined() ? t.data_ptr()
 
 // Adds Switchable Norm's plan (SwitchPlan) and graph-backward operator schema to the module (native_switch.cpp).
 void define_switch_norm(pybind11::module_& m);
+
+// Adds Weight Normalization's weight_norm(v, g, dim) and its graph-backward operator schema (native_weight_norm.cpp).
+void define_weight_norm(pybind11::module_& m);
 
 }  // namespace normlab_native
