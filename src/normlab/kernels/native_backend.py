@@ -24,8 +24,8 @@ Normalization a node around ATen's fused kernels (`weight_norm_node`, native_wei
 
 Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``; torch's
 and Python's headers, torch's libraries) into ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by
-the sources, the flags, torch's version and the CPU — about 30 s, once. When that fails a warning says why and
-"auto" uses the other backends. ``NORMLAB_NATIVE=0`` turns it off.
+the sources, the flags, torch's version and the CPU — about 45 s on two cores, once (the sources compile in
+parallel). When that fails a warning says why and "auto" uses the other backends. ``NORMLAB_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -96,19 +96,25 @@ def _torch_flags() -> list[str]:
             f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}"]
 
 
+def _run(commands: list[list[str]]) -> None:
+    """Run the commands at once (the sources compile in parallel); raise with the first failure's errors."""
+    running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    failures = [(c, p.returncode, err) for c, p in zip(commands, running, strict=True)
+                for _, err in [p.communicate()] if p.returncode != 0]
+    if failures:
+        command, code, err = failures[0]
+        raise RuntimeError(f"{command[0]} failed (exit {code}): {err.strip()[-2000:]}")
+
+
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, renamed: concurrent builds are safe
-    os.close(fd)
-    try:
-        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, *_torch_flags()]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built aside, renamed: concurrent builds are safe
+        flags = _torch_flags()
+        objects = [os.path.join(work, f"{source.stem}.o") for source in SOURCES]
+        _run([[compiler, *FLAGS, "-c", str(source), "-o", obj, *flags] for source, obj in zip(SOURCES, objects)])
+        linked = os.path.join(work, target.name)
+        _run([[compiler, *FLAGS, *objects, "-o", linked, *flags]])
+        os.replace(linked, target)
 
 
 MODULE = "_normlab_native"  # the library's Python module (PYBIND11_MODULE in native_ops.cpp)
