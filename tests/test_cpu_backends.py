@@ -221,7 +221,7 @@ def test_matches_reference_and_torch_backend(case, dtype, backend, route):
 @pytest.mark.parametrize("params", ["float32", "input"], ids=["float32-params", "input-dtype-params"])
 def test_low_precision(case, dtype, params, backend, route):
     """Output and gradients are the float64 result rounded to the input dtype (conftest's tolerances), with
-    float32 parameters or parameters in the input's dtype (the native kernels read LN's per-element ones so)."""
+    float32 parameters or parameters in the input's dtype (the native kernels read bfloat16 ones as they are)."""
     skip_unsupported(case, backend, dtype)
     x, p = make_inputs(case, dtype)
     if params == "input":

@@ -223,7 +223,8 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
     numel = math.prod(shape)
     threads = threads if numel >= parallel_min else 1
     stream = int(dtype == torch.float32 and numel * dtype.itemsize >= stream_min)
-    # geometry: n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream
+    # geometry: n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream,
+    # params_in_storage_type (0 here: the native node sets it per call, the ctypes path passes float32+ parameters)
     if kind == "rows":
         rows, width = shape
         geometry = (rows, 1, 1, width, width, 0, 0, 0, 0, width, 1, stream)
@@ -238,7 +239,8 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
         else:  # batch: the view has groups = C
             geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
             sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
-    return _Plan((_i64 * 12)(*geometry), geometry, sets, stats_shape, channels, part_rows,
+    geometry += (0,)
+    return _Plan((_i64 * 13)(*geometry), geometry, sets, stats_shape, channels, part_rows,
                  threads, stream, _DTYPES[dtype], stats_dtype(dtype))
 
 

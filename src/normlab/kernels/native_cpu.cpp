@@ -51,11 +51,12 @@ template <> inline bf16 store<bf16, float>(float f) {  // round to nearest even;
 
 struct Sets {
     i64 n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream;
+    i64 params_in_storage_type;
 };
 
-// `per_element`: 0 per-channel parameters (in the compute type); 1 per-element ones in the compute type; 2 in
-// the storage type (bfloat16 γ, β of a bfloat16 LN)
-constexpr i64 PARAMS_IN_STORAGE_TYPE = 2;
+// `per_element`: 0 per-channel parameters, 1 per-element ones (γ_l, β_l of LN over rows).
+// `params_in_storage_type`: 0 parameters in the compute type; 1 in the storage type (bfloat16 γ, β of a bfloat16
+// input, read as they are rather than converted on every call).
 
 constexpr i64 CHUNK = 4096;  // partial sums in the compute type over at most this many elements, then in double
 
@@ -113,8 +114,7 @@ void grad_sums(const T* dy, const T* x, i64 n, C mu, double& s1, double& s2) {
         }, s1, s2);
 }
 
-// Parameters: per channel in the compute type C; per element (LN over rows) in C or, where γ and β have
-// x's own dtype, in it (no conversion of a parameter as large as a sample on every call).
+// Parameters in the compute type C or, where γ and β have x's own dtype, in it (`params_in_storage_type`).
 template <typename C, typename P> inline C parameter(const P* p, i64 index, C otherwise) {
     return p ? C(load(p[index])) : otherwise;
 }
@@ -572,7 +572,8 @@ template <typename F> int dispatch(int dtype, F&& f) {
 }  // namespace
 
 // The entry points (ctypes): tensors as untyped pointers in the storage type that `dtype` names; parameters,
-// statistics and coefficients in its compute type. `geometry` holds the 12 fields of `Sets` in order.
+// statistics and coefficients in its compute type (parameters: see `params_in_storage_type`). `geometry` holds the
+// 13 fields of `Sets` in order.
 extern "C" {
 
 int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, void* mean, void* rstd, void* var,
@@ -588,7 +589,7 @@ int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, 
                           static_cast<const P*>(b), static_cast<C*>(mean), static_cast<C*>(rstd), static_cast<C*>(var),
                           s, eps, threads);
         };
-        s.per_element == PARAMS_IN_STORAGE_TYPE ? run(T{}) : run(C{});
+        s.params_in_storage_type ? run(T{}) : run(C{});
     });
 }
 
@@ -605,7 +606,7 @@ int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* 
                            static_cast<const P*>(w), static_cast<const C*>(mean), static_cast<const C*>(rstd),
                            static_cast<C*>(dw_part), static_cast<C*>(db_part), s, sum_rows != 0, threads);
         };
-        s.per_element == PARAMS_IN_STORAGE_TYPE ? run(T{}) : run(C{});
+        s.params_in_storage_type ? run(T{}) : run(C{});
     });
 }
 

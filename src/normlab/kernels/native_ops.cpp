@@ -46,19 +46,19 @@ at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
     return p.defined() ? p.to(acc).contiguous() : p;
 }
 
-// Per-element γ and β (LN over rows) that already have x's dtype are read in it (native_cpu.cpp's
-// PARAMS_IN_STORAGE_TYPE): a bfloat16 LN then converts no sample-sized parameter on each call.
-constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 2;  // the `Sets` field, and its value
+// γ and β that already have x's dtype (bfloat16) are read in it (the `Sets` field params_in_storage_type): a
+// bfloat16 call then converts no parameter on each call — two small allocations per call, or for LN over rows
+// a parameter as large as a sample.
+constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 12, GEOMETRY_FIELDS = 13;  // `Sets` fields
 
-bool params_in_storage_type(const std::vector<int64_t>& geometry, const at::Tensor& x,
-                            std::initializer_list<const at::Tensor*> params) {
-    if (!geometry[PER_ELEMENT] || stats_type(x.scalar_type()) == x.scalar_type()) return false;
+bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at::Tensor*> params) {
+    if (stats_type(x.scalar_type()) == x.scalar_type()) return false;
     for (const at::Tensor* p : params)
         if (p->defined() && (p->scalar_type() != x.scalar_type() || !p->is_contiguous())) return false;
     return true;
 }
 
-// One geometry of a call, built once by native_backend.py's `_plan`: the 12 fields of `Sets`, the threads,
+// One geometry of a call, built once by native_backend.py's `_plan`: the 13 fields of `Sets`, the threads,
 // the rows of parameter-gradient partials, the statistics' shape; and for the double backward the view of x
 // that the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none).
 struct Plan : std::enable_shared_from_this<Plan> {
@@ -72,7 +72,8 @@ struct Plan : std::enable_shared_from_this<Plan> {
         : geometry(std::move(geometry_)), threads(threads_), rows(rows_), channels(0),
           stats_shape(std::move(stats_shape_)), view_shape(std::move(view_shape_)), dims(std::move(dims_)),
           affine_shape(std::move(affine_shape_)) {
-        TORCH_CHECK(geometry.size() == 12, "normlab native Plan: a geometry holds 12 values, got ", geometry.size());
+        TORCH_CHECK(geometry.size() == GEOMETRY_FIELDS, "normlab native Plan: a geometry holds ", GEOMETRY_FIELDS,
+                    " values, got ", geometry.size());
         channels = geometry[9];
     }
 };
@@ -84,8 +85,8 @@ variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const a
     std::vector<int64_t> geometry = plan.geometry;
     const auto acc = stats_type(x.scalar_type());
     const auto options = x.options().dtype(acc);
-    const bool as_is = params_in_storage_type(geometry, x, {&weight, &bias});
-    if (as_is) geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
+    const bool as_is = params_in_storage_type(x, {&weight, &bias});
+    geometry[PARAMS_IN_STORAGE_TYPE] = as_is;
     const at::Tensor y = at::empty_like(x), w = as_is ? weight : kernel_param(weight, acc),
                      b = as_is ? bias : kernel_param(bias, acc);
     const at::Tensor mean = at::empty(plan.stats_shape, options), rstd = at::empty(plan.stats_shape, options),
@@ -153,8 +154,8 @@ variable_list FeatureNormBackward::apply(variable_list&& grads) {
     const Plan& plan = *plan_;
     std::vector<int64_t> geometry = plan.geometry;
     const auto acc = mean_.scalar_type();
-    const bool as_is = params_in_storage_type(geometry, x, {&weight});
-    if (as_is) geometry[PER_ELEMENT] = PARAMS_IN_STORAGE_TYPE;
+    const bool as_is = params_in_storage_type(x, {&weight});
+    geometry[PARAMS_IN_STORAGE_TYPE] = as_is;
     // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
     const auto make = [&](bool needed) {
         if (!needed) return at::Tensor();
