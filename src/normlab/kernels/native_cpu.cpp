@@ -246,11 +246,28 @@ template <typename T, typename C = typename Compute<T>::type> Moments two_pass(c
 
 // A set's moments. A set that fits the L1/L2 cache is read twice (two_pass over all its segments); a larger
 // one in blocks of BLOCK values, each two-pass while in L1 and merged: memory sees one read either way.
-constexpr i64 SMALL_SET = 1 << 14, BLOCK = 1 << 12;
+// A tiny set (the study's GN/IN cells of 8×8) is read once: d = x − x₀ summed in double, μ = x₀ + Σd/m,
+// σ² = (Σd² − (Σd)²/m)/m. Shifting by a member keeps any common offset out of the sums, and since a member lies
+// within √(m−1)·σ of the mean (Samuelson), the cancellation costs at most a factor m of double's precision.
+constexpr i64 SMALL_SET = 1 << 14, BLOCK = 1 << 12, TINY_SET = 256;
 
 template <typename T, typename C = typename Compute<T>::type> Moments set_moments(const T* x, const Sets& s) {
     const bool one_run = s.step == s.len;  // GN/LN in NCHW: the segments (channels) follow one another
     const i64 runs = one_run ? 1 : s.n_seg, len = one_run ? s.n_seg * s.len : s.len;
+    if (runs * len <= TINY_SET) {  // one pass in double, shifted by a member of the set (see TINY_SET)
+        const double shift = load(x[0]);
+        double d1 = 0, d2 = 0;
+        for (i64 j = 0; j < runs; ++j) {
+            const T* run = x + j * s.step;
+            lane_sums<double>(0, len, [run, shift](i64 l, double& a, double& b) {
+                const double d = double(load(run[l])) - shift;
+                a += d;
+                b += d * d;
+            }, d1, d2);
+        }
+        const double m = double(runs) * double(len);
+        return {m, shift + d1 / m, non_negative(d2 - d1 * d1 / m)};
+    }
     if (runs * len <= SMALL_SET) {
         double total = 0, d1 = 0, d2 = 0;
         const double m = double(runs) * double(len);
