@@ -99,8 +99,9 @@ def _torch_flags() -> list[str]:
 def _run(commands: list[list[str]]) -> None:
     """Run the commands at once (the sources compile in parallel); raise with the first failure's errors."""
     running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    failures = [(c, p.returncode, err) for c, p in zip(commands, running, strict=True)
-                for _, err in [p.communicate()] if p.returncode != 0]
+    errors = [process.communicate()[1] for process in running]
+    failures = [(c, process.returncode, err) for c, process, err in zip(commands, running, errors, strict=True)
+                if process.returncode != 0]
     if failures:
         command, code, err = failures[0]
         raise RuntimeError(f"{command[0]} failed (exit {code}): {err.strip()[-2000:]}")
@@ -111,7 +112,8 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as work:  # built aside, renamed: concurrent builds are safe
         flags = _torch_flags()
         objects = [os.path.join(work, f"{source.stem}.o") for source in SOURCES]
-        _run([[compiler, *FLAGS, "-c", str(source), "-o", obj, *flags] for source, obj in zip(SOURCES, objects)])
+        _run([[compiler, *FLAGS, "-c", str(source), "-o", obj, *flags]
+              for source, obj in zip(SOURCES, objects, strict=True)])
         linked = os.path.join(work, target.name)
         _run([[compiler, *FLAGS, *objects, "-o", linked, *flags]])
         os.replace(linked, target)
@@ -130,7 +132,8 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CXX", "c++")
     key = hashlib.sha256("\0".join(
-        [*(source.read_text() for source in SOURCES + HEADERS), compiler, *FLAGS, torch.__version__, _cpu_tag(), sys.platform]
+        [*(source.read_text() for source in SOURCES + HEADERS), compiler, *FLAGS, torch.__version__, _cpu_tag(),
+         sys.platform]
     ).encode()).hexdigest()[:16]
     target = _cache_dir() / f"native_cpu-{key}.so"
     try:

@@ -10,8 +10,9 @@
 //     double      when the backward itself is differentiated (grad mode on inside it): the portable torch
 //     backward    backend's closed form on statistics recomputed from x, through the Python operator
 //                 `normlab::feature_norm_graph_backward` (native_backend.py) — one formula, in one place.
-// Switchable Norm's plan and node are in native_switch.cpp, Weight Normalization's node in native_weight_norm.cpp. The module is also the library that native_backend.py
-// reaches through ctypes for the contract's forward and backward.
+// Switchable Norm's plan and node are in native_switch.cpp, Weight Normalization's node in
+// native_weight_norm.cpp. The module is also the library that native_backend.py reaches through ctypes for the
+// contract's forward and backward.
 //
 // The node (FeatureNormBackward) is hand-written the way torch's generated nodes are — a Node subclass with
 // SavedVariables for x and weight and plain fields for the rest, its history set on y alone — rather than a

@@ -203,6 +203,7 @@ Forward run_forward(const SwitchPlan& p, const at::Tensor& x, const at::Tensor& 
                     const MaybeTensor& running_var, double eps) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() == p.cells() * p.positions,
                 "normlab switch norm: a contiguous CPU input of ", p.cells() * p.positions, " values");
+    // μ_in, 1/σ_in (written by the kernel, not used) and σ²_in per cell
     const at::Tensor stats = at::empty({3, p.n, p.channels}, x.options().dtype(stats_type(x.scalar_type())));
     const at::Tensor mean_in = stats[0], var_in = stats[2];
     {
@@ -267,8 +268,10 @@ variable_list run_backward(const SwitchPlan& p, const at::Tensor& dy_in, const a
             if (!src.pooled) continue;
             Values pool_mean(src.mean.size(), 0.0), pool_var(src.var.size(), 0.0);  // pool_k(Gμ), pool_k(Gσ)
             for (int64_t n = 0; n < N; ++n)
-                for (int64_t c = 0; c < C; ++c)
-                    pool_mean[src.at(n, c, C)] += grad_mean[n * C + c], pool_var[src.at(n, c, C)] += grad_var[n * C + c];
+                for (int64_t c = 0; c < C; ++c) {
+                    const size_t i = src.at(n, c, C), q = size_t(n * C + c);
+                    pool_mean[i] += grad_mean[q], pool_var[i] += grad_var[q];
+                }
             const double per = 1.0 / (double(src.pooled) * double(L));
             for (int64_t n = 0; n < N; ++n)
                 for (int64_t c = 0; c < C; ++c) {
@@ -302,7 +305,8 @@ variable_list run_backward(const SwitchPlan& p, const at::Tensor& dy_in, const a
                 for (int64_t c = 0; c < C; ++c) a[k] += g[n * C + c] * stat[src.at(n, c, C)];
             weighted += (of_mean ? src.w : src.w_var) * a[k];
         }
-        for (size_t k = 0; k < d.size(); ++k) d[k] = (of_mean ? m.sources[k].w : m.sources[k].w_var) * (a[k] - weighted);
+        for (size_t k = 0; k < d.size(); ++k)
+            d[k] = (of_mean ? m.sources[k].w : m.sources[k].w_var) * (a[k] - weighted);
         const at::Tensor& logits = of_mean ? mean_logits : var_logits;
         grads[which] = tensor_of(d, logits.sizes(), logits.options());
     }
@@ -334,7 +338,8 @@ MaybeTensor maybe(const at::Tensor& t) { return t.defined() ? MaybeTensor(t) : s
 
 variable_list SwitchNormBackward::apply(variable_list&& grads) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), mean_logits = mean_logits_.unpack(), var_logits = var_logits_.unpack(),
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), mean_logits = mean_logits_.unpack(),
+                     var_logits = var_logits_.unpack(),
                      running_mean = running_mean_.unpack(), running_var = running_var_.unpack();
     std::vector<bool> needs(5);
     for (int i = 0; i < 5; ++i) needs[i] = task_should_compute_output(i);
