@@ -58,7 +58,7 @@ name = "native"
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("native_cpu.cpp", "native_ops.cpp", "native_switch.cpp", "native_weight_norm.cpp"))
 HEADERS = (Path(__file__).with_name("native_ops.h"),)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions", "-Wno-psabi")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
 STREAM_MIN = 1 << 24  # outputs of this many bytes and more are written past the cache (non-temporal stores)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the .cpp's dtype codes

@@ -58,37 +58,118 @@ struct Sets {
 // `params_in_storage_type`: 0 parameters in the compute type; 1 in the storage type (bfloat16 γ, β of a bfloat16
 // input, read as they are rather than converted on every call).
 
-constexpr i64 CHUNK = 4096;  // partial sums in the compute type over at most this many elements, then in double
+constexpr i64 CHUNK = 1024;  // partial sums in the compute type over at most this many elements, then in double
 
 inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUNK : n; }
 
-// Sums over [start, end) with LANES independent accumulators (two 512-bit vectors each): the additions do not
-// wait on one another, so a reduction runs at the speed of loads rather than of the adder's latency. The
-// tail goes one element per lane (still independent), and the lanes are summed as a tree of vector halves —
-// a set's segments are often short (GN: one channel of a 14×14 map), so these two cost as much as the loop.
-// body(l, acc1, acc2) adds element l's terms to one lane of each accumulator; adds the two sums to s1, s2.
-template <typename C> constexpr int LANES = 128 / sizeof(C);
+// Sums run on blocks of values held as one 64-byte vector of the compute type C (GCC/Clang vector extensions:
+// 16 floats or 8 doubles, one AVX-512 register; narrower machines split them). Two blocks' accumulators per
+// sum, so the additions do not wait on one another and a reduction runs at the speed of loads; the tail is one
+// block whose missing lanes hold a neutral `fill` (a masked load with AVX-512), and the lanes are summed in
+// double as a tree of register halves. A set's segments are often short (GN: one channel of a 14×14 map; BN: one sample's),
+// so the tail and the tree cost as much as the loop: both stay in registers.
+template <typename C, int W> struct Vector;  // W lanes of C (the attribute needs a concrete type)
+#define NL_VECTOR(C, W) \
+    template <> struct Vector<C, W> { typedef C type __attribute__((vector_size(W * sizeof(C)))); };
+NL_VECTOR(float, 16) NL_VECTOR(float, 8) NL_VECTOR(double, 8) NL_VECTOR(double, 4) NL_VECTOR(double, 2)
+NL_VECTOR(uint16_t, 16) NL_VECTOR(uint16_t, 8) NL_VECTOR(uint32_t, 16) NL_VECTOR(uint32_t, 8)
+#undef NL_VECTOR
+template <typename C> constexpr int LANES = 64 / sizeof(C);
+template <typename C> using Block = typename Vector<C, LANES<C>>::type;
 
-template <typename C, typename Body> inline void lane_sums(i64 start, i64 end, Body body, double& s1, double& s2) {
-    C a[LANES<C>] = {}, b[LANES<C>] = {};
-    i64 l = start;
-    for (; l + LANES<C> <= end; l += LANES<C>) {
-#pragma omp simd
-        for (int v = 0; v < LANES<C>; ++v) body(l + v, a[v], b[v]);
+// A block of C from LANES<C> values of T at p.
+template <typename C> inline Block<C> load_block(const float* p) {
+    typename Vector<float, LANES<C>>::type v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, Block<C>);
+}
+template <typename C> inline Block<C> load_block(const double* p) {
+    Block<double> v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, Block<C>);
+}
+template <typename C> inline Block<C> load_block(const bf16* p) {  // bfloat16 is float's upper half
+    constexpr int W = LANES<C>;
+    typename Vector<uint16_t, W>::type bits;
+    std::memcpy(&bits, p, sizeof bits);
+    const auto wide = __builtin_convertvector(bits, typename Vector<uint32_t, W>::type) << 16;
+    typename Vector<float, W>::type v;
+    std::memcpy(&v, &wide, sizeof v);
+    return __builtin_convertvector(v, Block<C>);
+}
+
+// The n < LANES<C> values at p, then `fill`.
+template <typename C, typename T> inline Block<C> load_tail(const T* p, i64 n, C fill) {
+    T padded[LANES<C>] = {};
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __mmask16 mask = __mmask16((1u << n) - 1);
+    if constexpr (std::is_same_v<T, float> && LANES<C> == 16)
+        _mm512_storeu_ps(padded, _mm512_maskz_loadu_ps(mask, p));
+    else if constexpr (std::is_same_v<T, float>)
+        _mm256_storeu_ps(padded, _mm256_maskz_loadu_ps(__mmask8(mask), p));
+    else if constexpr (std::is_same_v<T, double>)
+        _mm512_storeu_pd(padded, _mm512_maskz_loadu_pd(__mmask8(mask), p));
+    else if constexpr (LANES<C> == 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(padded), _mm256_maskz_loadu_epi16(mask, p));
+    else
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(padded), _mm_maskz_loadu_epi16(__mmask8(mask), p));
+#else
+    for (i64 v = 0; v < n; ++v) padded[v] = p[v];
+#endif
+    Block<C> lanes;
+    for (int v = 0; v < LANES<C>; ++v) lanes[v] = C(v);
+    return lanes < C(n) ? load_block<C>(padded) : Block<C>{} + fill;
+}
+
+// The sum of two blocks' lanes, in double (float lanes are widened first), as a tree of register halves.
+template <typename C> inline double lane_total(Block<C> a, Block<C> b) {
+    using D8 = Vector<double, 8>::type;
+    using D4 = Vector<double, 4>::type;
+    using D2 = Vector<double, 2>::type;
+    D8 h8;
+    if constexpr (LANES<C> == 16) {
+        const auto wide = [](Block<float> v, D8& sum) {
+            sum += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), D8) +
+                   __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), D8);
+        };
+        h8 = D8{};
+        wide(a, h8);
+        wide(b, h8);
+    } else {
+        h8 = a + b;
     }
-    for (int v = 0; l + v < end; ++v) body(l + v, a[v], b[v]);
-    for (int half = LANES<C> / 2; half > 0; half /= 2) {
-#pragma omp simd
-        for (int v = 0; v < half; ++v) a[v] += a[v + half], b[v] += b[v + half];
+    const D4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    const D2 h2 = __builtin_shufflevector(h4, h4, 0, 1) + __builtin_shufflevector(h4, h4, 2, 3);
+    return h2[0] + h2[1];
+}
+
+// body(u, v, acc1, acc2) adds the terms of a block of p's values u (and of q's, v; q null: v unused) to the two
+// accumulators; the sums over n values go to s1 and s2. Missing tail lanes read fill_p and fill_q, which
+// must make the terms zero.
+template <typename C, typename T, typename Body>
+inline void block_sums(const T* p, const T* q, i64 n, C fill_p, C fill_q, Body body, double& s1, double& s2) {
+    constexpr i64 W = LANES<C>;
+    Block<C> a0{}, b0{}, a1{}, b1{};
+    const auto second = [q](i64 l) { return q ? load_block<C>(q + l) : Block<C>{}; };
+    i64 l = 0;
+    for (; l + 2 * W <= n; l += 2 * W) {
+        body(load_block<C>(p + l), second(l), a0, b0);
+        body(load_block<C>(p + l + W), second(l + W), a1, b1);
     }
-    s1 += a[0];
-    s2 += b[0];
+    if (l + W <= n) {
+        body(load_block<C>(p + l), second(l), a0, b0);
+        l += W;
+    }
+    if (l < n) body(load_tail(p + l, n - l, fill_p), q ? load_tail(q + l, n - l, fill_q) : Block<C>{}, a1, b1);
+    s1 += lane_total<C>(a0, a1);
+    s2 += lane_total<C>(b0, b1);
 }
 
 template <typename T, typename C = typename Compute<T>::type> double sum(const T* x, i64 n) {
     double total = 0, unused = 0;
     for (i64 start = 0; start < n; start += CHUNK)
-        lane_sums<C>(start, chunk_end(start, n), [x](i64 l, C& a, C&) { a += load(x[l]); }, total, unused);
+        block_sums<C>(x + start, static_cast<const T*>(nullptr), chunk_end(start, n) - start, C(0), C(0),
+                      [](Block<C> u, Block<C>, Block<C>& a, Block<C>&) { a += u; }, total, unused);
     return total;
 }
 
@@ -96,22 +177,23 @@ template <typename T, typename C = typename Compute<T>::type> double sum(const T
 template <typename T, typename C = typename Compute<T>::type>
 void centred_sums(const T* x, i64 n, C shift, double& d1, double& d2) {
     for (i64 start = 0; start < n; start += CHUNK)
-        lane_sums<C>(start, chunk_end(start, n), [x, shift](i64 l, C& a, C& b) {
-            const C d = load(x[l]) - shift;
-            a += d;
-            b += d * d;
-        }, d1, d2);
+        block_sums<C>(x + start, static_cast<const T*>(nullptr), chunk_end(start, n) - start, shift, C(0),
+                      [shift](Block<C> u, Block<C>, Block<C>& a, Block<C>& b) {
+                          const Block<C> d = u - shift;
+                          a += d;
+                          b += d * d;
+                      }, d1, d2);
 }
 
 // s1 += Σ dy,  s2 += Σ dy·(x − μ)
 template <typename T, typename C = typename Compute<T>::type>
 void grad_sums(const T* dy, const T* x, i64 n, C mu, double& s1, double& s2) {
     for (i64 start = 0; start < n; start += CHUNK)
-        lane_sums<C>(start, chunk_end(start, n), [dy, x, mu](i64 l, C& a, C& b) {
-            const C d = load(dy[l]);
-            a += d;
-            b += d * (load(x[l]) - mu);
-        }, s1, s2);
+        block_sums<C>(dy + start, x + start, chunk_end(start, n) - start, C(0), mu,
+                      [mu](Block<C> d, Block<C> v, Block<C>& a, Block<C>& b) {
+                          a += d;
+                          b += d * (v - mu);
+                      }, s1, s2);
 }
 
 // Parameters in the compute type C or, where γ and β have x's own dtype, in it (`params_in_storage_type`).
@@ -262,11 +344,12 @@ template <typename T, typename C = typename Compute<T>::type> Moments set_moment
         double d1 = 0, d2 = 0;
         for (i64 j = 0; j < runs; ++j) {
             const T* run = x + j * s.step;
-            lane_sums<double>(0, len, [run, shift](i64 l, double& a, double& b) {
-                const double d = double(load(run[l])) - shift;
-                a += d;
-                b += d * d;
-            }, d1, d2);
+            block_sums<double>(run, static_cast<const T*>(nullptr), len, shift, 0.0,
+                               [shift](Block<double> u, Block<double>, Block<double>& a, Block<double>& b) {
+                                   const Block<double> d = u - shift;
+                                   a += d;
+                                   b += d * d;
+                               }, d1, d2);
         }
         const double m = double(runs) * double(len);
         return {m, shift + d1 / m, non_negative(d2 - d1 * d1 / m)};
@@ -357,16 +440,20 @@ void backward_wide(const T* dy, const T* x, T* dx, const P* w, const C* mean, co
             }
             sums[2 * p] = a, sums[2 * p + 1] = b;
         }
-        double g1 = 0, g2 = 0;  // Σ g, Σ g·(x − μ) with g = γ·dy
+        double g1 = 0, g2 = 0;            // Σ g, Σ g·(x − μ) with g = γ·dy
+        double channel_a = 0, channel_b = 0;  // Σ dy, Σ dy·(x − μ) of the channel so far
         for (i64 p = 0; p < pieces.count; ++p) {
             const i64 ch = i * s.ch_inner + pieces.segment(p) * s.ch_seg, slot = o * s.channels + ch;
             const double gamma = s.per_element ? 1.0 : double(parameter<C>(w, ch, 1));
             g1 += gamma * sums[2 * p];
             g2 += gamma * sums[2 * p + 1];
             if (s.per_element) continue;
-            const bool first = p == 0 || (s.ch_seg != 0 && pieces.start(p) == 0);  // a channel's first piece
-            if (dw_part) dw_part[slot] = (first ? C(0) : dw_part[slot]) + C(sums[2 * p + 1] * r);
-            if (db_part) db_part[slot] = (first ? C(0) : db_part[slot]) + C(sums[2 * p]);
+            channel_a += sums[2 * p], channel_b += sums[2 * p + 1];
+            const bool last = p + 1 == pieces.count || (s.ch_seg != 0 && pieces.start(p + 1) == 0);  // of a channel
+            if (!last) continue;
+            if (dw_part) dw_part[slot] = C(channel_b * r);
+            if (db_part) db_part[slot] = C(channel_a);
+            channel_a = channel_b = 0;
         }
         if (dx == nullptr) continue;
         const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
@@ -538,6 +625,7 @@ void backward(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C
                 g2 += b;
             }
         } else {
+            double channel_a = 0, channel_b = 0;  // Σ dy, Σ dy·(x − μ) of the channel so far
             for (i64 j = 0; j < s.n_seg; ++j) {
                 const i64 ch = i * s.ch_inner + j * s.ch_seg, slot = o * s.channels + ch;
                 double a = 0, b = 0;
@@ -545,9 +633,11 @@ void backward(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C
                 const double gamma = parameter<C>(w, ch, 1);
                 g1 += gamma * a;
                 g2 += gamma * b;
-                const bool first = j == 0 || s.ch_seg != 0;  // BN: the segments (samples) share one channel
-                if (dw_part) dw_part[slot] = (first ? C(0) : dw_part[slot]) + C(b * r);
-                if (db_part) db_part[slot] = (first ? C(0) : db_part[slot]) + C(a);
+                channel_a += a, channel_b += b;
+                if (s.ch_seg == 0 && j + 1 < s.n_seg) continue;  // BN: the segments (samples) share one channel
+                if (dw_part) dw_part[slot] = C(channel_b * r);
+                if (db_part) db_part[slot] = C(channel_a);
+                channel_a = channel_b = 0;
             }
         }
         if (dx == nullptr) continue;
