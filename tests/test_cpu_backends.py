@@ -60,6 +60,7 @@ CASES = [
     Case("in", (2, 5, 3, 3)),  # 2d, batch 2
     Case("ln", (3, 2, 5), {"normalized_ndim": 1}),  # transformer rows: over the last dim
     Case("ln", (2, 3, 5, 4), {"normalized_ndim": 3}),  # over (C, H, W), elementwise affine
+    Case("ln", (9, 4, 7), {"normalized_ndim": 1}),  # 36 rows: native γ, β gradients by rows, not by columns
     Case("sn", (2, 3, 4, 5)),  # all three sources, batch 2
     Case("sn", (3, 4, 3), {"sources": ("in", "ln")}),  # using_bn=False
     Case("sn", (4, 3), {"sources": ("ln", "bn")}),  # (N, C): SwitchNorm1d, one position per channel
@@ -68,7 +69,8 @@ CASES = [
     # long segments: the native kernels' chunked sums (1024) and vector lanes (64) both leave a tail
     Case("gn", (2, 4, 1100), {"groups": 2}),
     Case("bn", (3, 2, 1031)),
-    Case("ln", (3, 2500), {"normalized_ndim": 1}),
+    Case("ln", (3, 2500), {"normalized_ndim": 1}),  # (few rows: γ, β gradients by columns of 1024)
+    Case("ln", (40, 1100), {"normalized_ndim": 1}),  # (many rows: by rows)
     # sets of more than 2^14 values: the native kernels' blocked moments (blocks of 4096, merged)
     Case("bn", (3, 2, 7001)),
     Case("ln", (2, 20000), {"normalized_ndim": 1}),

@@ -61,6 +61,7 @@ HEADERS = (Path(__file__).with_name("native_ops.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions", "-Wno-psabi")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
 STREAM_MIN = 1 << 24  # outputs of this many bytes and more are written past the cache (non-temporal stores)
+COLUMNS_ROWS_PER_THREAD = 8  # LN with fewer rows than this per thread: γ's and β's gradients by columns
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the .cpp's dtype codes
 _compiling = torch.compiler.is_compiling
 _ptr = ctypes.c_void_p
@@ -228,10 +229,11 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
     stream = int(dtype == torch.float32 and numel * dtype.itemsize >= stream_min)
     # geometry: n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream,
     # params_in_storage_type (0 here: the native node sets it per call, the ctypes path passes float32+ parameters)
-    if kind == "rows":
+    if kind == "rows":  # γ_l, β_l per element; their gradients by columns when rows are few (per_element 2)
         rows, width = shape
-        geometry = (rows, 1, 1, width, width, 0, 0, 0, 0, width, 1, stream)
-        sets, stats_shape, channels, part_rows = rows, (rows, 1), width, threads
+        by_columns = rows < COLUMNS_ROWS_PER_THREAD * threads
+        geometry = (rows, 1, 1, width, width, 0, 0, 0, 0, width, 2 if by_columns else 1, stream)
+        sets, stats_shape, channels, part_rows = rows, (rows, 1), width, 1 if by_columns else threads
     else:
         n, groups, per_group, positions = shape
         channels = groups * per_group
@@ -280,7 +282,7 @@ def _sums(dy: Tensor, xv: Tensor, kind: str, dx: Tensor | None, weight, mean: Te
     dweight and dbias."""
     plan = _plan_for(xv, kind)
     w = _param(weight, plan.acc)
-    make = torch.zeros if kind == "rows" else torch.empty  # LN rows: per-thread partials accumulate
+    make = torch.zeros if plan.fields[10] == 1 else torch.empty  # LN by rows: per-thread partials accumulate
     dw_part = make((plan.rows, plan.channels), dtype=plan.acc) if need_dweight else None
     db_part = make((plan.rows, plan.channels), dtype=plan.acc) if need_dbias else None
     mean, rstd = mean.contiguous(), rstd.contiguous()  # held while the kernel reads them

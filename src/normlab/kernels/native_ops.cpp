@@ -157,12 +157,12 @@ variable_list FeatureNormBackward::apply(variable_list&& grads) {
     const auto acc = mean_.scalar_type();
     const bool as_is = params_in_storage_type(x, {&weight});
     geometry[PARAMS_IN_STORAGE_TYPE] = as_is;
-    // LN over rows: per-thread partial sums accumulate from zero; per-channel slots are written
+    // LN over many rows: per-thread partial sums accumulate from zero; otherwise every slot is written
     const auto make = [&](bool needed) {
         if (!needed) return at::Tensor();
         const auto options = x.options().dtype(acc);
-        return geometry[PER_ELEMENT] ? at::zeros({plan.rows, plan.channels}, options)
-                                     : at::empty({plan.rows, plan.channels}, options);
+        return geometry[PER_ELEMENT] == 1 ? at::zeros({plan.rows, plan.channels}, options)
+                                          : at::empty({plan.rows, plan.channels}, options);
     };
     const at::Tensor w = as_is ? weight : kernel_param(weight, acc), dw_part = make(need_dw), db_part = make(need_db),
                      dx = need_dx ? at::empty_like(x) : at::Tensor();
