@@ -214,7 +214,7 @@ class _Plan(NamedTuple):
     sets: int
     stats_shape: tuple[int, ...]
     channels: int  # parameter-gradient partials per row: channels, or elements for LN over rows
-    rows: int  # rows of partials: n_outer, or threads for LN over rows (which accumulate)
+    rows: int  # rows of partials: n_outer, or threads for LN over many rows (which accumulate; by columns: 1)
     threads: int
     stream: int  # non-temporal stores for the output
     code: int  # the .cpp's dtype code
