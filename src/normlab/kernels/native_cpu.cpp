@@ -68,8 +68,8 @@ inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUN
 // 16 floats or 8 doubles, one AVX-512 register; narrower machines split them). Two blocks' accumulators per
 // sum, so the additions do not wait on one another and a reduction runs at the speed of loads; the tail is one
 // block whose missing lanes hold a neutral `fill` (a masked load with AVX-512), and the lanes are summed in
-// double as a tree of register halves. A set's segments are often short (GN: one channel of a 14×14 map; BN: one sample's),
-// so the tail and the tree cost as much as the loop: both stay in registers.
+// double as a tree of register halves. A set's segments are often short (GN: one channel of a 14×14 map; BN:
+// one sample's), so the tail and the tree cost as much as the loop: both stay in registers.
 template <typename C, int W> struct Vector;  // W lanes of C (the attribute needs a concrete type)
 #define NL_VECTOR(C, W) \
     template <> struct Vector<C, W> { typedef C type __attribute__((vector_size(W * sizeof(C)))); };
@@ -89,8 +89,12 @@ template <typename C> using Block = typename Vector<C, LANES<C>>::type;
 #if defined(NL_AVX512)
 using Mask = __mmask16;
 constexpr Mask ALL = 0xffff;
-inline __m512 bf16_to_float(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
-inline __m256 bf16_to_float(__m128i bits) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)); }
+inline __m512 bf16_to_float(__m256i bits) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m256 bf16_to_float(__m128i bits) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
 template <typename C> inline Block<C> load_block(const float* p, Mask mask = ALL) {
     if constexpr (LANES<C> == 16) return _mm512_maskz_loadu_ps(mask, p);
     else return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(__mmask8(mask), p));
@@ -602,11 +606,12 @@ void forward(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var,
     }
 }
 
-// LN over few rows with per-element γ (per_element = 2): a row of dγ and dβ partials per thread would be as large
-// as the input, and zeroing, accumulating and summing them cost more than the rest (LN over (512, 14, 14) of
-// 2 samples: 3 of the 5 MB the backward moved). Instead each thread owns blocks of COLUMNS across all rows and
-// writes their dγ and dβ once (row 0 of dw_part, db_part), adding its part of each row's Σg and Σg·(x − μ) to
-// its own slots; a second pass writes dx as `backward` does.
+// LN over few rows with per-element γ (per_element = 2): a row of dγ and dβ partials per thread would be as
+// large as the input, zeroed, accumulated and summed on every call. Instead each thread owns blocks of COLUMNS
+// across all rows and writes their dγ and dβ once (row 0 of dw_part, db_part), adding its part of each row's
+// Σg and Σg·(x − μ) to its own slots; a second pass writes dx as `backward` does. (Measured, module backward:
+// LN over (128, 128, 128) of one sample 4.6 → 2.2 ms, over (512, 14, 14) of two 153 → 125 µs; level at 4 rows
+// per thread; by rows is faster at 16 and more: (64, 56, 56) of 32 samples 3.3 against 3.9 ms.)
 constexpr i64 COLUMNS = 1024;
 
 template <typename T, typename P, typename C>
