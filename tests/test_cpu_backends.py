@@ -109,7 +109,7 @@ def route(request, monkeypatch):
         monkeypatch.setattr(cpu_backend, "SMALL", 0)
         monkeypatch.setattr(cpu_backend, "SWITCH_SMALL", 0)
         monkeypatch.setattr(native_backend, "PARALLEL_MIN", 0)
-        monkeypatch.setattr(native_backend, "STREAM_MIN", 0)
+        monkeypatch.setattr(native_backend, "LARGE_MIN", 0)
         clear_prepared()  # calls planned under the other thresholds
         request.addfinalizer(clear_prepared)
     return request.param

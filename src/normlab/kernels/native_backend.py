@@ -60,7 +60,7 @@ SOURCES = tuple(Path(__file__).with_name(name)
 HEADERS = (Path(__file__).with_name("native_ops.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wno-c++20-extensions", "-Wno-psabi")
 PARALLEL_MIN = 1 << 15  # below this many elements one thread is faster than waking the pool
-STREAM_MIN = 1 << 24  # outputs of this many bytes and more are written past the cache (non-temporal stores)
+LARGE_MIN = 1 << 24  # inputs of this many bytes and more outgrow the caches: see `_plan`
 COLUMNS_ROWS_PER_THREAD = 8  # LN with fewer rows than this per thread: γ's and β's gradients by columns
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the .cpp's dtype codes
 _compiling = torch.compiler.is_compiling
@@ -223,12 +223,16 @@ class _Plan(NamedTuple):
 
 @lru_cache(maxsize=512)
 def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, parallel_min: int,
-          stream_min: int) -> _Plan:
+          large_min: int) -> _Plan:
     numel = math.prod(shape)
     threads = threads if numel >= parallel_min else 1
-    stream = int(dtype == torch.float32 and numel * dtype.itemsize >= stream_min)
+    # An input larger than the caches: its output is written past them (float32's non-temporal stores), and
+    # each set's output pass requests the next set (`ahead`, see the .cpp's `prefetch`).
+    ahead = int(numel * dtype.itemsize >= large_min)
+    stream = int(dtype == torch.float32 and ahead)
     # geometry: n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream,
-    # params_in_storage_type (0 here: the native node sets it per call, the ctypes path passes float32+ parameters)
+    # params_in_storage_type (0 here: the native node sets it per call, the ctypes path passes float32+
+    # parameters), ahead
     if kind == "rows":  # γ_l, β_l per element; their gradients by columns when rows are few (per_element 2)
         rows, width = shape
         by_columns = rows < COLUMNS_ROWS_PER_THREAD * threads
@@ -244,13 +248,13 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
         else:  # batch: the view has groups = C
             geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
             sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
-    geometry += (0,)
-    return _Plan((_i64 * 13)(*geometry), geometry, sets, stats_shape, channels, part_rows,
+    geometry += (0, ahead)
+    return _Plan((_i64 * len(geometry))(*geometry), geometry, sets, stats_shape, channels, part_rows,
                  threads, stream, _DTYPES[dtype], stats_dtype(dtype))
 
 
 def _plan_for(xv: Tensor, kind: str) -> _Plan:
-    return _plan(tuple(xv.shape), xv.dtype, kind, torch.get_num_threads(), PARALLEL_MIN, STREAM_MIN)
+    return _plan(tuple(xv.shape), xv.dtype, kind, torch.get_num_threads(), PARALLEL_MIN, LARGE_MIN)
 
 
 def _addr(t: Tensor | None) -> int | None:

@@ -51,7 +51,7 @@ template <> inline bf16 store<bf16, float>(float f) {  // round to nearest even;
 
 struct Sets {
     i64 n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream;
-    i64 params_in_storage_type;
+    i64 params_in_storage_type, ahead;
 };
 
 // `per_element`: 0 per-channel parameters; per-element ones (γ_l, β_l of LN over rows) with their gradients
@@ -59,10 +59,25 @@ struct Sets {
 // `backward_columns`).
 // `params_in_storage_type`: 0 parameters in the compute type; 1 in the storage type (bfloat16 γ, β of a bfloat16
 // input, read as they are rather than converted on every call).
+// `stream`, `ahead`: an input larger than the caches, whose output is written past them (float32) and whose
+// output passes request the next set (see `prefetch`).
 
 constexpr i64 CHUNK = 1024;  // partial sums in the compute type over at most this many elements, then in double
 
 inline i64 chunk_end(i64 start, i64 n) { return start + CHUNK < n ? start + CHUNK : n; }
+
+// Software prefetch into L2 of the n values at p, each 64-byte line once. A set's output pass reads the set
+// back from L2 while memory reads idle, writing past the cache; on inputs larger than the caches it requests
+// the next set meanwhile (`combine`'s `ahead`), so that set's statistics pass finds it in L2. Measured, kernel
+// alone at (32, 64, 56, 56), ms, forward / backward: BN 2.05 → 1.78 / 3.18 → 2.79 (BN's sets are 32 runs
+// strided through memory, on which the hardware prefetcher starts late), IN 1.86 → 1.56 / 2.12 → 2.02,
+// GN 1.76 → 1.61 / level; LN over (4096, 1024): 1.18 → 1.06 / 1.98 → 1.67.
+constexpr i64 AHEAD_PIECE = 256;  // the output pass requests `ahead` in pieces of this many values
+
+template <typename T> inline void prefetch(const T* p, i64 n) {
+    const char* bytes = reinterpret_cast<const char*>(p);
+    for (i64 at = 0; at < n * i64(sizeof(T)); at += 64) __builtin_prefetch(bytes + at, 0, 2);  // 2: L2 (T1)
+}
 
 // Sums run on blocks of values held as one 64-byte vector of the compute type C (GCC/Clang vector extensions:
 // 16 floats or 8 doubles, one AVX-512 register; narrower machines split them). Two blocks' accumulators per
@@ -293,7 +308,18 @@ template <typename T> using compute_t = typename Compute<T>::type;  // (not dedu
 
 template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
 void combine(const T* dy, const T* x, T* out, i64 n, C a, C k, C centre, C c, const non_deduced<P>* e = nullptr,
-             const non_deduced<P>* f = nullptr, const non_deduced<P>* g = nullptr, bool stream = false) {
+             const non_deduced<P>* f = nullptr, const non_deduced<P>* g = nullptr, bool stream = false,
+             i64 ahead = 0) {
+    if (ahead != 0) {  // in pieces, each after requesting x's (and dy's) values `ahead` elements on into L2
+        for (i64 start = 0; start < n; start += AHEAD_PIECE) {
+            const i64 piece = std::min(AHEAD_PIECE, n - start);
+            const auto at = [start](auto* p) { return p ? p + start : nullptr; };
+            prefetch(x + start + ahead, piece);
+            if (dy) prefetch(dy + start + ahead, piece);
+            combine<T, P, C>(at(dy), x + start, out + start, piece, a, k, centre, c, at(e), at(f), at(g), stream);
+        }
+        return;
+    }
     if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float>) {
         if (stream) {
             const i64 done = combine_streaming(dy, x, out, n, a, k, centre, c, {e, f, g});
@@ -574,6 +600,14 @@ void backward_by_cells(const T* dy, const T* x, T* dx, const P* w, const C* mean
     }
 }
 
+inline i64 set_base(i64 k, const Sets& s) { return (k / s.n_inner) * s.outer + (k % s.n_inner) * s.inner; }
+
+// From set k to the next (this thread's next set but at the end of its share), for `combine`'s `ahead` where
+// `s.ahead`; 0: none.
+inline i64 to_next_set(i64 k, const Sets& s) {
+    return s.ahead && k + 1 < s.n_outer * s.n_inner ? set_base(k + 1, s) - set_base(k, s) : 0;
+}
+
 // y = (x − μ)·rstd·γ + β per set; mean, rstd (and var, the biased σ², where given) per set. y null: statistics only.
 template <typename T, typename P = compute_t<T>, typename C = compute_t<T>>
 void forward(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var, const Sets& s, double eps,
@@ -584,7 +618,7 @@ void forward(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var,
     if (sets < threads && m >= 2 * BLOCK) return forward_wide(x, y, w, b, mean, rstd, var, s, eps, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (i64 k = 0; k < sets; ++k) {
-        const i64 i = k % s.n_inner, base = (k / s.n_inner) * s.outer + i * s.inner;
+        const i64 i = k % s.n_inner, base = set_base(k, s);
         const Moments moments = set_moments(x + base, s);
         const double mu = moments.mean, sigma2 = moments.m2 / m;
         const C r = C(1.0 / std::sqrt(sigma2 + eps));
@@ -592,14 +626,15 @@ void forward(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var,
         rstd[k] = r;
         if (var != nullptr) var[k] = C(sigma2);
         if (y == nullptr) continue;
+        const i64 ahead = to_next_set(k, s);
         for (i64 j = 0; j < s.n_seg; ++j) {
             const i64 at = base + j * s.step;
             if (s.per_element) {  // γ_l and β_l
-                combine<T, P>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream);
+                combine<T, P>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream, ahead);
             } else {
                 const i64 ch = i * s.ch_inner + j * s.ch_seg;
                 combine<T>(nullptr, x + at, y + at, s.len, C(0), r * parameter<C>(w, ch, 1), C(mu),
-                           parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
+                           parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream, ahead);
             }
         }
         if (s.stream) store_fence();
@@ -722,13 +757,14 @@ void backward(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C
         }
         if (dx == nullptr) continue;
         const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
+        const i64 ahead = to_next_set(k, s);
         for (i64 j = 0; j < s.n_seg; ++j) {
             const i64 at = base + j * s.step;
             if (s.per_element)  // γ_l
-                combine<T, P>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream);
+                combine<T, P>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream, ahead);
             else
                 combine<T>(dy + at, x + at, dx + at, s.len, r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx,
-                           mu, c, nullptr, nullptr, nullptr, s.stream);
+                           mu, c, nullptr, nullptr, nullptr, s.stream, ahead);
         }
         if (s.stream) store_fence();
     }
@@ -763,7 +799,7 @@ template <typename F> int dispatch(int dtype, F&& f) {
 
 // The entry points (ctypes): tensors as untyped pointers in the storage type that `dtype` names; parameters,
 // statistics and coefficients in its compute type (parameters: see `params_in_storage_type`). `geometry` holds the
-// 13 fields of `Sets` in order.
+// 14 fields of `Sets` in order.
 extern "C" {
 
 int nl_forward(int dtype, const void* x, void* y, const void* w, const void* b, void* mean, void* rstd, void* var,

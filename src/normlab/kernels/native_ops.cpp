@@ -50,7 +50,7 @@ at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
 // γ and β that already have x's dtype (bfloat16) are read in it (the `Sets` field params_in_storage_type): a
 // bfloat16 call then converts no parameter on each call — two small allocations per call, or for LN over rows
 // a parameter as large as a sample.
-constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 12, GEOMETRY_FIELDS = 13;  // `Sets` fields
+constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 12, GEOMETRY_FIELDS = 14;  // `Sets` fields
 
 bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at::Tensor*> params) {
     if (stats_type(x.scalar_type()) == x.scalar_type()) return false;
@@ -59,7 +59,7 @@ bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at:
     return true;
 }
 
-// One geometry of a call, built once by native_backend.py's `_plan`: the 13 fields of `Sets`, the threads,
+// One geometry of a call, built once by native_backend.py's `_plan`: the 14 fields of `Sets`, the threads,
 // the rows of parameter-gradient partials, the statistics' shape; and for the double backward the view of x
 // that the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none).
 struct Plan : std::enable_shared_from_this<Plan> {
