@@ -79,7 +79,8 @@ struct Plan : std::enable_shared_from_this<Plan> {
     }
 };
 
-// y, mean, rstd, var (the biased σ²) of one call
+// y, mean, rstd, var (the biased σ²) of one call. LN over rows (per-element parameters) keeps no running
+// statistics, so its var is left undefined (None in Python; one allocation less in a call of a few µs).
 variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const Plan& plan,
                           double eps) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "normlab native feature norm: a contiguous CPU input");
@@ -91,11 +92,11 @@ variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const a
     const at::Tensor y = at::empty_like(x), w = as_is ? weight : kernel_param(weight, acc),
                      b = as_is ? bias : kernel_param(bias, acc);
     const at::Tensor mean = at::empty(plan.stats_shape, options), rstd = at::empty(plan.stats_shape, options),
-                     var = at::empty(plan.stats_shape, options);
+                     var = geometry[PER_ELEMENT] ? at::Tensor() : at::empty(plan.stats_shape, options);
     {
         pybind11::gil_scoped_release no_gil;  // the kernels touch no Python object
         nl_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(), data(w), data(b), mean.data_ptr(),
-                   rstd.data_ptr(), var.data_ptr(), geometry.data(), eps, plan.threads);
+                   rstd.data_ptr(), out(var), geometry.data(), eps, plan.threads);
     }
     return {y, mean, rstd, var};
 }
