@@ -481,6 +481,20 @@ def test_native_contract_functions_match_torch_backend(dtype, route):
             torch.testing.assert_close(g, t.to(g.dtype), **tol)
 
 
+def test_native_plans_return_the_variance_where_running_statistics_take_it():
+    """A native plan's (y, mean, rstd, var): BN's (and GN's, IN's) var is the biased σ² that BN's and IN's running
+    estimates take; LN over rows keeps no running statistics and leaves it out (None)."""
+    if native_backend.library() is None:
+        pytest.skip("the native kernels could not be built here (see the warning)")
+    x = randn(4, 6, 5, 3, seed=1)
+    xv, view = to_view(x, 6)
+    _, _, _, var = native_backend.bind(xv, NormSpec(view.batch_dims, view.affine_shape(6), view))(x, None, None, EPS)
+    torch.testing.assert_close(var.reshape(-1), x.var(dim=(0, 2, 3), unbiased=False), **TOL[torch.float32])
+    rows = randn(7, 20, seed=5)
+    _, mean, rstd, var = native_backend.bind(rows, NormSpec((1,), (1, 20)))(rows, None, None, EPS)
+    assert var is None and mean.shape == rstd.shape == (7, 1)
+
+
 def test_native_nodes_are_the_ones_recorded():
     """Contiguous CPU calls record the native library's C++ nodes (not a Python Function, which costs more per call
     than a small layer's kernels); channels_last SN and a whole-tensor WN norm record the Python Functions."""
