@@ -25,6 +25,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -124,11 +126,24 @@ struct FeatureNormBackward : public torch::autograd::Node {
 };
 
 // A parameter's gradient from the backward kernel's partial sums (row 0 holds their total), in the
-// parameter's own shape and dtype.
+// parameter's own shape and dtype: the partials themselves where they are one row of that dtype, else row 0
+// converted in a loop into a new tensor (rounded as .to() rounds; a select and a conversion through the
+// dispatcher took 2 µs of a bfloat16 GN backward of 8 µs at (2, 32, 8, 8)).
 at::Tensor parameter_grad(const at::Tensor& partials, at::IntArrayRef shape, at::ScalarType dtype) {
     if (!partials.defined()) return partials;
-    const at::Tensor total = (partials.size(0) == 1 ? partials : partials[0]).view(shape);
-    return total.scalar_type() == dtype ? total : total.to(dtype);
+    if (partials.size(0) == 1 && partials.scalar_type() == dtype) return partials.view(shape);
+    at::Tensor grad = at::empty(shape, partials.options().dtype(dtype));
+    const auto convert = [&](const auto* total) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "normlab_parameter_grad", [&] {
+            scalar_t* out = grad.data_ptr<scalar_t>();
+            for (int64_t i = 0; i < grad.numel(); ++i) out[i] = static_cast<scalar_t>(total[i]);
+        });
+    };
+    if (partials.scalar_type() == at::kDouble)
+        convert(partials.const_data_ptr<double>());
+    else
+        convert(partials.const_data_ptr<float>());
+    return grad;
 }
 
 variable_list FeatureNormBackward::apply(variable_list&& grads) {
