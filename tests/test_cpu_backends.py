@@ -481,18 +481,21 @@ def test_native_contract_functions_match_torch_backend(dtype, route):
             torch.testing.assert_close(g, t.to(g.dtype), **tol)
 
 
-def test_native_plans_return_the_variance_where_running_statistics_take_it():
-    """A native plan's (y, mean, rstd, var): BN's (and GN's, IN's) var is the biased σ² that BN's and IN's running
-    estimates take; LN over rows keeps no running statistics and leaves it out (None)."""
+def test_native_plans_return_the_statistics_where_the_caller_takes_them():
+    """A native plan's (y, mean, rstd, var): var is the biased σ² that BN's and IN's running estimates take; a plan
+    bound without statistics (GN, LN: y alone) returns None for all three, and its node still has what it saves."""
     if native_backend.library() is None:
         pytest.skip("the native kernels could not be built here (see the warning)")
     x = randn(4, 6, 5, 3, seed=1)
     xv, view = to_view(x, 6)
     _, _, _, var = native_backend.bind(xv, NormSpec(view.batch_dims, view.affine_shape(6), view))(x, None, None, EPS)
     torch.testing.assert_close(var.reshape(-1), x.var(dim=(0, 2, 3), unbiased=False), **TOL[torch.float32])
-    rows = randn(7, 20, seed=5)
-    _, mean, rstd, var = native_backend.bind(rows, NormSpec((1,), (1, 20)))(rows, None, None, EPS)
-    assert var is None and mean.shape == rstd.shape == (7, 1)
+    rows = randn(7, 20, seed=5).requires_grad_()
+    y, mean, rstd, var = native_backend.bind(rows, NormSpec((1,), (1, 20)), statistics=False)(rows, None, None, EPS)
+    assert mean is None and rstd is None and var is None
+    y.backward(torch.ones_like(y))  # Σ over a row of dx is 0 (dx is orthogonal to the constant direction)
+    torch.testing.assert_close(rows.grad.sum(1), torch.zeros(7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y, NF.layer_norm(rows, (20,)), **TOL[torch.float32])
 
 
 def test_native_nodes_are_the_ones_recorded():

@@ -58,15 +58,16 @@ def needs_graph(*tensors: Tensor | None) -> bool:
 
 
 def bind(input: Tensor, xv: Tensor, spec: NormSpec, requested: str | None,
-         general: Callable[[Backend], Callable]) -> Callable:
+         general: Callable[[Backend], Callable], statistics: bool = True) -> Callable:
     """The run(input, weight, bias, eps) -> (y, mean, rstd, var) of every call of this geometry (statistics not
     differentiable, var possibly None: see `normlab.kernels.contract.variance`): the chosen backend's own bound
     call when it has one and ``xv`` views the input itself, else ``general(backend)``, which views the input on
-    each call and calls `normalize`."""
+    each call and calls `normalize`. A caller that takes y alone says so (``statistics=False``): a bound call
+    may then return None for the statistics."""
     chosen = select_backend(requested, xv, spec)
     own_node = getattr(chosen, "bind", None)  # a backend with its own autograd node (see `contract`)
     if own_node is not None and input.is_contiguous():
-        return own_node(xv, spec)
+        return own_node(xv, spec, statistics=statistics)
     return general(chosen)
 
 
@@ -84,11 +85,12 @@ class FeatureCall(NamedTuple):
         return from_view(yv, view), mean, rstd, var
 
 
-def feature_call(input: Tensor, groups: int, spec_of: Callable, requested: str | None) -> Callable:
+def feature_call(input: Tensor, groups: int, spec_of: Callable, requested: str | None,
+                 statistics: bool = True) -> Callable:
     """`bind` for BN/IN/GN: ``spec_of(view)`` gives the spec of the 4-d view with ``groups`` groups."""
     xv, view = to_view(input, groups)
     spec = spec_of(view)
-    return bind(input, xv, spec, requested, lambda chosen: FeatureCall(groups, spec, chosen))
+    return bind(input, xv, spec, requested, lambda chosen: FeatureCall(groups, spec, chosen), statistics)
 
 
 def normalize(xv: Tensor, spec: NormSpec, weight, bias, eps: float, backend: Backend):

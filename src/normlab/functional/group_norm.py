@@ -31,4 +31,4 @@ def _prepare(input, weight, bias, num_groups, eps, backend):
     channels = input.shape[1]
     check_groups(channels, num_groups, who)
     check_channel_params(channels, who, weight=weight, bias=bias)
-    return feature_call(input, num_groups, lambda view: group_spec(view, num_groups), backend)
+    return feature_call(input, num_groups, lambda view: group_spec(view, num_groups), backend, statistics=False)

@@ -54,7 +54,8 @@ def _prepare(input, weight, bias, normalized_shape, eps, backend):
             raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(param.shape)}")
     width = math.prod(shape)
     spec = row_spec(width)
-    return bind(input, input.reshape(-1, width), spec, backend, lambda chosen: RowsCall(len(shape), spec, chosen))
+    return bind(input, input.reshape(-1, width), spec, backend, lambda chosen: RowsCall(len(shape), spec, chosen),
+                statistics=False)
 
 
 class RowsCall(NamedTuple):

@@ -11,9 +11,10 @@ the backward takes. ``var`` is the biased (÷m) σ² where the backend computed 
 that needs it (BN/IN running statistics) derives it from rstd with `variance` — so the common case pays
 for no extra tensor operations.
 ``needs`` = (dx, dweight, dbias) booleans. A backward returns None for what is not needed.
-A backend may bring its own autograd node: ``bind(xv, spec) -> run`` with
+A backend may bring its own autograd node: ``bind(xv, spec, statistics=True) -> run`` with
 ``run(x, weight, bias, eps) -> (y, mean, rstd, var)`` for every call of this geometry, ``x`` the contiguous
-tensor that ``xv`` views (y in its shape), weight/bias in their own shapes. It does what
+tensor that ``xv`` views (y in its shape), weight/bias in their own shapes; with ``statistics=False`` (a caller
+that takes y alone: GN, LN) mean, rstd and var may be None. It does what
 `autograd.FeatureNormFunction.apply` does, with the same contract (saved: the input and the statistics; double
 backward through the torch backend's closed form). normlab.functional then binds once per geometry and calls
 ``run`` (the native CPU backend: a node in C++, for the per-call overhead).

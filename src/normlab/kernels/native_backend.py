@@ -297,13 +297,14 @@ def _sums(dy: Tensor, xv: Tensor, kind: str, dx: Tensor | None, weight, mean: Te
 
 # ---------------------------------------------------------------- BN, LN, IN, GN
 
-def bind(xv: Tensor, spec: NormSpec):
+def bind(xv: Tensor, spec: NormSpec, statistics: bool = True):
     """The contract's ``bind``: this geometry's call, run(x, weight, bias, eps) -> (y, mean, rstd, var), a `Plan`
     of the library's module with its autograd node in C++ (see the module docstring). ``x``: the tensor that
-    ``xv`` views, contiguous (or ``xv`` itself); y has its shape. ``weight``/``bias`` in their own shapes."""
+    ``xv`` views, contiguous (or ``xv`` itself); y has its shape. ``weight``/``bias`` in their own shapes.
+    Without ``statistics`` run returns (y, None, None, None)."""
     plan = _plan_for(xv, _kind(spec))
     return _module.Plan(plan.fields, plan.threads, plan.rows, plan.stats_shape, xv.shape, spec.dims,
-                        spec.affine_shape or ())
+                        spec.affine_shape or (), statistics)
 
 
 def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,

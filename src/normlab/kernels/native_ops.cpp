@@ -46,7 +46,8 @@ void* out(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // A parameter as the contiguous statistics-dtype values the kernels read (undefined stays undefined).
 at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
-    return p.defined() ? p.to(acc).contiguous() : p;
+    if (!p.defined() || (p.scalar_type() == acc && p.is_contiguous())) return p;  // (no dispatch: µs count here)
+    return p.to(acc).contiguous();
 }
 
 // γ and β that already have x's dtype (bfloat16) are read in it (the `Sets` field params_in_storage_type): a
@@ -62,27 +63,30 @@ bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at:
 }
 
 // One geometry of a call, built once by native_backend.py's `_plan`: the 14 fields of `Sets`, the threads,
-// the rows of parameter-gradient partials, the statistics' shape; and for the double backward the view of x
-// that the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none).
+// the rows of parameter-gradient partials, the statistics' shape; for the double backward the view of x that
+// the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none); and
+// whether the caller takes the statistics (BN's and IN's running estimates) or y alone (GN, LN).
 struct Plan : std::enable_shared_from_this<Plan> {
     std::vector<int64_t> geometry;
     int threads;
     int64_t rows, channels;
     std::vector<int64_t> stats_shape, view_shape, dims, affine_shape;
+    bool statistics;
 
     Plan(std::vector<int64_t> geometry_, int threads_, int64_t rows_, std::vector<int64_t> stats_shape_,
-         std::vector<int64_t> view_shape_, std::vector<int64_t> dims_, std::vector<int64_t> affine_shape_)
+         std::vector<int64_t> view_shape_, std::vector<int64_t> dims_, std::vector<int64_t> affine_shape_,
+         bool statistics_)
         : geometry(std::move(geometry_)), threads(threads_), rows(rows_), channels(0),
           stats_shape(std::move(stats_shape_)), view_shape(std::move(view_shape_)), dims(std::move(dims_)),
-          affine_shape(std::move(affine_shape_)) {
+          affine_shape(std::move(affine_shape_)), statistics(statistics_) {
         TORCH_CHECK(geometry.size() == GEOMETRY_FIELDS, "normlab native Plan: a geometry holds ", GEOMETRY_FIELDS,
                     " values, got ", geometry.size());
         channels = geometry[9];
     }
 };
 
-// y, mean, rstd, var (the biased σ²) of one call. LN over rows (per-element parameters) keeps no running
-// statistics, so its var is left undefined (None in Python; one allocation less in a call of a few µs).
+// y, mean, rstd, var (the biased σ²) of one call; var only for a caller that takes the statistics (one
+// allocation less in a call of a few µs).
 variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const Plan& plan,
                           double eps) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "normlab native feature norm: a contiguous CPU input");
@@ -94,7 +98,7 @@ variable_list run_forward(const at::Tensor& x, const at::Tensor& weight, const a
     const at::Tensor y = at::empty_like(x), w = as_is ? weight : kernel_param(weight, acc),
                      b = as_is ? bias : kernel_param(bias, acc);
     const at::Tensor mean = at::empty(plan.stats_shape, options), rstd = at::empty(plan.stats_shape, options),
-                     var = geometry[PER_ELEMENT] ? at::Tensor() : at::empty(plan.stats_shape, options);
+                     var = plan.statistics ? at::empty(plan.stats_shape, options) : at::Tensor();
     {
         pybind11::gil_scoped_release no_gil;  // the kernels touch no Python object
         nl_forward(dtype_code(x.scalar_type()), x.data_ptr(), y.data_ptr(), data(w), data(b), mean.data_ptr(),
@@ -189,7 +193,8 @@ variable_list FeatureNormBackward::apply(variable_list&& grads) {
 }
 
 // plan(x, weight, bias, eps) -> (y, mean, rstd, var): x is the input itself, in any shape, or its view
-// (plan.view_shape) that the plan describes; y has x's shape.
+// (plan.view_shape) that the plan describes; y has x's shape. Without plan.statistics: (y, None, None, None)
+// (three Python objects fewer to make and collect per call).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_norm(
     const Plan& plan, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
@@ -213,6 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_norm(
         if (b.defined()) node->bias_shape_ = b.sizes().vec(), node->bias_dtype_ = b.scalar_type();
         torch::autograd::set_history(out[0], node);  // y only: mean, rstd and var stay without history
     }
+    if (!plan.statistics) return {out[0], at::Tensor(), at::Tensor(), at::Tensor()};
     return {out[0], out[1], out[2], out[3]};
 }
 
@@ -279,15 +285,16 @@ PYBIND11_MODULE(_normlab_native, m) {
     namespace py = pybind11;
     py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan")
         .def(py::init<std::vector<int64_t>, int, int64_t, std::vector<int64_t>, std::vector<int64_t>,
-                      std::vector<int64_t>, std::vector<int64_t>>(),
+                      std::vector<int64_t>, std::vector<int64_t>, bool>(),
              py::arg("geometry"), py::arg("threads"), py::arg("rows"), py::arg("stats_shape"), py::arg("view_shape"),
-             py::arg("dims"), py::arg("affine_shape"))
+             py::arg("dims"), py::arg("affine_shape"), py::arg("statistics") = true)
         .def("__call__", &feature_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"))
         .def_readonly("geometry", &Plan::geometry)
         .def_readonly("threads", &Plan::threads)
         .def_readonly("rows", &Plan::rows)
         .def_readonly("channels", &Plan::channels)
-        .def_readonly("stats_shape", &Plan::stats_shape);
+        .def_readonly("stats_shape", &Plan::stats_shape)
+        .def_readonly("statistics", &Plan::statistics);
     m.def("update_running", &update_running, py::arg("running_mean"), py::arg("running_var"), py::arg("mean"),
           py::arg("var"), py::arg("momentum"), py::arg("var_factor"));
     normlab_native::define_switch_norm(m);
