@@ -298,6 +298,10 @@ inline i64 combine_streaming(const float* dy, const float* x, float* out, i64 n,
 #endif
 }
 
+// Loops that may write with non-temporal stores fence once per thread, after the thread's share of the sets
+// (`omp for nowait`, then the fence, then the region's barrier): a fence waits for the thread's write-combining
+// buffers to drain, and one per set had cost SN's output pass over the 2048 cells of (32, 64, 56, 56) 5 % with
+// two threads and 20 % with one (kernel alone).
 inline void store_fence() {
 #if defined(__SSE__)
     _mm_sfence();
@@ -449,18 +453,21 @@ void forward_wide(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C*
         rstd[k] = r;
         if (var != nullptr) var[k] = C(sigma2);
         if (y == nullptr) continue;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (i64 p = 0; p < pieces.count; ++p) {
-            const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
-            if (s.per_element) {
-                combine<T, P>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r, C(mu), C(0), nullptr,
-                           w ? w + start : nullptr, b ? b + start : nullptr, s.stream);
-            } else {
-                const i64 ch = i * s.ch_inner + j * s.ch_seg;
-                combine<T>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r * parameter<C>(w, ch, 1), C(mu),
-                           parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static) nowait
+            for (i64 p = 0; p < pieces.count; ++p) {
+                const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
+                if (s.per_element) {
+                    combine<T, P>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r, C(mu), C(0), nullptr,
+                               w ? w + start : nullptr, b ? b + start : nullptr, s.stream);
+                } else {
+                    const i64 ch = i * s.ch_inner + j * s.ch_seg;
+                    combine<T>(nullptr, x + at, y + at, pieces.size(p, s), C(0), r * parameter<C>(w, ch, 1), C(mu),
+                               parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
+                }
             }
-            if (s.stream) store_fence();
+            if (s.stream) store_fence();  // once per thread (see `store_fence`)
         }
     }
 }
@@ -509,17 +516,20 @@ void backward_wide(const T* dy, const T* x, T* dx, const P* w, const C* mean, co
         }
         if (dx == nullptr) continue;
         const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (i64 p = 0; p < pieces.count; ++p) {
-            const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
-            if (s.per_element)
-                combine<T, P>(dy + at, x + at, dx + at, pieces.size(p, s), r, kx, mu, c, w ? w + start : nullptr,
-                           nullptr, nullptr, s.stream);
-            else
-                combine<T>(dy + at, x + at, dx + at, pieces.size(p, s),
-                           r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx, mu, c, nullptr, nullptr,
-                           nullptr, s.stream);
-            if (s.stream) store_fence();
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static) nowait
+            for (i64 p = 0; p < pieces.count; ++p) {
+                const i64 j = pieces.segment(p), start = pieces.start(p), at = base + j * s.step + start;
+                if (s.per_element)
+                    combine<T, P>(dy + at, x + at, dx + at, pieces.size(p, s), r, kx, mu, c, w ? w + start : nullptr,
+                               nullptr, nullptr, s.stream);
+                else
+                    combine<T>(dy + at, x + at, dx + at, pieces.size(p, s),
+                               r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx, mu, c, nullptr, nullptr,
+                               nullptr, s.stream);
+            }
+            if (s.stream) store_fence();  // once per thread (see `store_fence`)
         }
     }
 }
@@ -563,12 +573,15 @@ void forward_by_cells(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd
         if (var != nullptr) var[i] = C(sigma2);
     }
     if (y == nullptr) return;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 q = 0; q < cells; ++q) {
-        const i64 j = q / s.n_inner, i = q % s.n_inner, at = i * s.inner + j * s.step, ch = i * s.ch_inner;
-        combine<T>(nullptr, x + at, y + at, s.len, C(0), rstd[i] * parameter<C>(w, ch, 1), mean[i],
-                   parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
-        if (s.stream) store_fence();
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 q = 0; q < cells; ++q) {
+            const i64 j = q / s.n_inner, i = q % s.n_inner, at = i * s.inner + j * s.step, ch = i * s.ch_inner;
+            combine<T>(nullptr, x + at, y + at, s.len, C(0), rstd[i] * parameter<C>(w, ch, 1), mean[i],
+                       parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream);
+        }
+        if (s.stream) store_fence();  // once per thread (see `store_fence`)
     }
 }
 
@@ -595,12 +608,15 @@ void backward_by_cells(const T* dy, const T* x, T* dx, const P* w, const C* mean
         k[i] = C(-r * r * r * gamma * b / m), c[i] = C(-r * gamma * a / m);
     }
     if (dx == nullptr) return;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 q = 0; q < cells; ++q) {
-        const i64 j = q / s.n_inner, i = q % s.n_inner, at = i * s.inner + j * s.step;
-        combine<T>(dy + at, x + at, dx + at, s.len, rstd[i] * parameter<C>(w, i * s.ch_inner, 1), k[i], mean[i], c[i],
-                   nullptr, nullptr, nullptr, s.stream);
-        if (s.stream) store_fence();
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 q = 0; q < cells; ++q) {
+            const i64 j = q / s.n_inner, i = q % s.n_inner, at = i * s.inner + j * s.step;
+            combine<T>(dy + at, x + at, dx + at, s.len, rstd[i] * parameter<C>(w, i * s.ch_inner, 1), k[i], mean[i],
+                       c[i], nullptr, nullptr, nullptr, s.stream);
+        }
+        if (s.stream) store_fence();  // once per thread (see `store_fence`)
     }
 }
 
@@ -620,28 +636,31 @@ void forward(const T* x, T* y, const P* w, const P* b, C* mean, C* rstd, C* var,
     const double m = double(s.n_seg) * double(s.len);
     if (by_cells(s)) return forward_by_cells(x, y, w, b, mean, rstd, var, s, eps, threads);
     if (sets < threads && m >= 2 * BLOCK) return forward_wide(x, y, w, b, mean, rstd, var, s, eps, threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 k = 0; k < sets; ++k) {
-        const i64 i = k % s.n_inner, base = set_base(k, s);
-        const Moments moments = set_moments(x + base, s, y == nullptr && s.ahead);
-        const double mu = moments.mean, sigma2 = moments.m2 / m;
-        const C r = C(1.0 / std::sqrt(sigma2 + eps));
-        mean[k] = C(mu);
-        rstd[k] = r;
-        if (var != nullptr) var[k] = C(sigma2);
-        if (y == nullptr) continue;
-        const i64 ahead = to_next_set(k, s);
-        for (i64 j = 0; j < s.n_seg; ++j) {
-            const i64 at = base + j * s.step;
-            if (s.per_element) {  // γ_l and β_l
-                combine<T, P>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream, ahead);
-            } else {
-                const i64 ch = i * s.ch_inner + j * s.ch_seg;
-                combine<T>(nullptr, x + at, y + at, s.len, C(0), r * parameter<C>(w, ch, 1), C(mu),
-                           parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream, ahead);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 k = 0; k < sets; ++k) {
+            const i64 i = k % s.n_inner, base = set_base(k, s);
+            const Moments moments = set_moments(x + base, s, y == nullptr && s.ahead);
+            const double mu = moments.mean, sigma2 = moments.m2 / m;
+            const C r = C(1.0 / std::sqrt(sigma2 + eps));
+            mean[k] = C(mu);
+            rstd[k] = r;
+            if (var != nullptr) var[k] = C(sigma2);
+            if (y == nullptr) continue;
+            const i64 ahead = to_next_set(k, s);
+            for (i64 j = 0; j < s.n_seg; ++j) {
+                const i64 at = base + j * s.step;
+                if (s.per_element) {  // γ_l and β_l
+                    combine<T, P>(nullptr, x + at, y + at, s.len, C(0), r, C(mu), C(0), nullptr, w, b, s.stream, ahead);
+                } else {
+                    const i64 ch = i * s.ch_inner + j * s.ch_seg;
+                    combine<T>(nullptr, x + at, y + at, s.len, C(0), r * parameter<C>(w, ch, 1), C(mu),
+                               parameter<C>(b, ch, 0), nullptr, nullptr, nullptr, s.stream, ahead);
+                }
             }
         }
-        if (s.stream) store_fence();
+        if (s.stream) store_fence();  // once per thread (see `store_fence`)
     }
 }
 
@@ -693,12 +712,15 @@ void backward_columns(const T* dy, const T* x, T* dx, const P* w, const C* mean,
         const double rs = rstd[r];
         k[r] = C(-rs * rs * rs * g2 / double(width)), c[r] = C(-rs * g1 / double(width));
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 q = 0; q < rows * blocks; ++q) {  // (row, block) in memory order
-        const i64 r = q / blocks, start = (q % blocks) * COLUMNS, at = r * s.outer + start;
-        combine<T, P>(dy + at, x + at, dx + at, std::min(COLUMNS, width - start), rstd[r], k[r], mean[r], c[r],
-                      w ? w + start : nullptr, nullptr, nullptr, s.stream);
-        if (s.stream) store_fence();
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 q = 0; q < rows * blocks; ++q) {  // (row, block) in memory order
+            const i64 r = q / blocks, start = (q % blocks) * COLUMNS, at = r * s.outer + start;
+            combine<T, P>(dy + at, x + at, dx + at, std::min(COLUMNS, width - start), rstd[r], k[r], mean[r], c[r],
+                          w ? w + start : nullptr, nullptr, nullptr, s.stream);
+        }
+        if (s.stream) store_fence();  // once per thread (see `store_fence`)
     }
 }
 
@@ -721,56 +743,59 @@ void backward(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C
         sum_partial_rows(dw_part, db_part, s, sum_rows ? (s.per_element ? threads : s.n_outer) : 0);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 k = 0; k < sets; ++k) {
-        const i64 o = k / s.n_inner, i = k % s.n_inner, base = o * s.outer + i * s.inner;
-        const C mu = mean[k], r = rstd[k];
-        double g1 = 0, g2 = 0;  // Σ g, Σ g·(x − μ)
-        if (s.per_element) {
-            const i64 row = i64(omp_get_thread_num()) * s.len;
-            const T *dys = dy + base, *xs = x + base;
-            for (i64 start = 0; start < s.len; start += CHUNK) {
-                const i64 end = chunk_end(start, s.len);
-                C a = 0, b = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 k = 0; k < sets; ++k) {
+            const i64 o = k / s.n_inner, i = k % s.n_inner, base = o * s.outer + i * s.inner;
+            const C mu = mean[k], r = rstd[k];
+            double g1 = 0, g2 = 0;  // Σ g, Σ g·(x − μ)
+            if (s.per_element) {
+                const i64 row = i64(omp_get_thread_num()) * s.len;
+                const T *dys = dy + base, *xs = x + base;
+                for (i64 start = 0; start < s.len; start += CHUNK) {
+                    const i64 end = chunk_end(start, s.len);
+                    C a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
-                for (i64 l = start; l < end; ++l) {
-                    const C d = load(dys[l]), xc = load(xs[l]) - mu, g = d * parameter<C>(w, l, 1);
-                    a += g;
-                    b += g * xc;
-                    if (dw_part) dw_part[row + l] += d * xc * r;
-                    if (db_part) db_part[row + l] += d;
+                    for (i64 l = start; l < end; ++l) {
+                        const C d = load(dys[l]), xc = load(xs[l]) - mu, g = d * parameter<C>(w, l, 1);
+                        a += g;
+                        b += g * xc;
+                        if (dw_part) dw_part[row + l] += d * xc * r;
+                        if (db_part) db_part[row + l] += d;
+                    }
+                    g1 += a;
+                    g2 += b;
                 }
-                g1 += a;
-                g2 += b;
+            } else {
+                double channel_a = 0, channel_b = 0;  // Σ dy, Σ dy·(x − μ) of the channel so far
+                for (i64 j = 0; j < s.n_seg; ++j) {
+                    const i64 ch = i * s.ch_inner + j * s.ch_seg, slot = o * s.channels + ch;
+                    double a = 0, b = 0;
+                    grad_sums(dy + base + j * s.step, x + base + j * s.step, s.len, mu, a, b);
+                    const double gamma = parameter<C>(w, ch, 1);
+                    g1 += gamma * a;
+                    g2 += gamma * b;
+                    channel_a += a, channel_b += b;
+                    if (s.ch_seg == 0 && j + 1 < s.n_seg) continue;  // BN: the segments (samples) share one channel
+                    if (dw_part) dw_part[slot] = C(channel_b * r);
+                    if (db_part) db_part[slot] = C(channel_a);
+                    channel_a = channel_b = 0;
+                }
             }
-        } else {
-            double channel_a = 0, channel_b = 0;  // Σ dy, Σ dy·(x − μ) of the channel so far
+            if (dx == nullptr) continue;
+            const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
+            const i64 ahead = to_next_set(k, s);
             for (i64 j = 0; j < s.n_seg; ++j) {
-                const i64 ch = i * s.ch_inner + j * s.ch_seg, slot = o * s.channels + ch;
-                double a = 0, b = 0;
-                grad_sums(dy + base + j * s.step, x + base + j * s.step, s.len, mu, a, b);
-                const double gamma = parameter<C>(w, ch, 1);
-                g1 += gamma * a;
-                g2 += gamma * b;
-                channel_a += a, channel_b += b;
-                if (s.ch_seg == 0 && j + 1 < s.n_seg) continue;  // BN: the segments (samples) share one channel
-                if (dw_part) dw_part[slot] = C(channel_b * r);
-                if (db_part) db_part[slot] = C(channel_a);
-                channel_a = channel_b = 0;
+                const i64 at = base + j * s.step;
+                if (s.per_element)  // γ_l
+                    combine<T, P>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream, ahead);
+                else
+                    combine<T>(dy + at, x + at, dx + at, s.len, r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1),
+                               kx, mu, c, nullptr, nullptr, nullptr, s.stream, ahead);
             }
         }
-        if (dx == nullptr) continue;
-        const C kx = C(-double(r) * r * r * g2 / m), c = C(-double(r) * g1 / m);
-        const i64 ahead = to_next_set(k, s);
-        for (i64 j = 0; j < s.n_seg; ++j) {
-            const i64 at = base + j * s.step;
-            if (s.per_element)  // γ_l
-                combine<T, P>(dy + at, x + at, dx + at, s.len, r, kx, mu, c, w, nullptr, nullptr, s.stream, ahead);
-            else
-                combine<T>(dy + at, x + at, dx + at, s.len, r * parameter<C>(w, i * s.ch_inner + j * s.ch_seg, 1), kx,
-                           mu, c, nullptr, nullptr, nullptr, s.stream, ahead);
-        }
-        if (s.stream) store_fence();
+        if (s.stream) store_fence();  // once per thread (see `store_fence`)
     }
     sum_partial_rows(dw_part, db_part, s, sum_rows ? (s.per_element ? threads : s.n_outer) : 0);
 }
@@ -780,12 +805,15 @@ void backward(const T* dy, const T* x, T* dx, const P* w, const C* mean, const C
 template <typename T, typename C = typename Compute<T>::type>
 void cell_combine(const T* dy, const T* x, T* out, const C* a, const C* k, const C* centre, const C* c, i64 cells,
                   i64 len, bool stream, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 q = 0; q < cells; ++q) {
-        const i64 at = q * len;
-        combine<T>(dy ? dy + at : nullptr, x + at, out + at, len, parameter<C>(a, q, 0), k[q], centre[q], c[q], nullptr,
-                   nullptr, nullptr, stream);
-        if (stream) store_fence();
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 q = 0; q < cells; ++q) {
+            const i64 at = q * len;
+            combine<T>(dy ? dy + at : nullptr, x + at, out + at, len, parameter<C>(a, q, 0), k[q], centre[q], c[q],
+                       nullptr, nullptr, nullptr, stream);
+        }
+        if (stream) store_fence();  // once per thread (see `store_fence`)
     }
 }
 
