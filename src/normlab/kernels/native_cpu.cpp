@@ -300,8 +300,8 @@ inline i64 combine_streaming(const float* dy, const float* x, float* out, i64 n,
 
 // Loops that may write with non-temporal stores fence once per thread, after the thread's share of the sets
 // (`omp for nowait`, then the fence, then the region's barrier): a fence waits for the thread's write-combining
-// buffers to drain, and one per set had cost SN's output pass over the 2048 cells of (32, 64, 56, 56) 5 % with
-// two threads and 20 % with one (kernel alone).
+// buffers to drain, and one per set had cost SN's output pass over the 2048 cells of (32, 64, 56, 56) 6–8 % with
+// two threads and 17–18 % with one (kernel alone).
 inline void store_fence() {
 #if defined(__SSE__)
     _mm_sfence();
