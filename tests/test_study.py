@@ -77,6 +77,25 @@ def test_rerun_skips_finished_runs(tmp_path):
     assert (tmp_path / "results.jsonl").read_bytes() == before  # nothing rerun, nothing rewritten
 
 
+def test_kernels_are_built_before_the_first_run_starts(tmp_path, monkeypatch):
+    # A fresh environment's one-time native build must not count in the runs' wall time.
+    from normlab.kernels import native_backend
+    from normlab.study import train
+
+    events = []
+    real_library, real_train = native_backend.library, train.train_run
+    monkeypatch.setattr(native_backend, "library", lambda: events.append("library") or real_library())
+    monkeypatch.setattr(train, "train_run", lambda *a: events.append("run") or real_train(*a))
+    monkeypatch.setattr(native_backend, "needs_build", lambda: True)
+    log = LogCapture()
+    assert run_study(tiny_config(tmp_path, methods=["gn"], batch_sizes=[32]), log=log).complete
+    assert events[:2] == ["library", "run"] and "building normlab's native CPU kernels" in log.text
+    events.clear()
+    monkeypatch.setattr(native_backend, "needs_build", lambda: False)
+    run_study(tiny_config(tmp_path / "again", methods=["gn"], batch_sizes=[32]))
+    assert events[0] == "run"
+
+
 def test_resume_after_truncated_last_line(tmp_path):
     run_study(tiny_config(tmp_path))
     path = tmp_path / "results.jsonl"

@@ -124,6 +124,21 @@ MODULE = "_normlab_native"  # the library's Python module (PYBIND11_MODULE in na
 _module = None  # that module, once `library` has loaded it
 
 
+def _target() -> tuple[str, Path]:
+    """The compiler and the library's path in the cache, keyed by what the build depends on."""
+    compiler = os.environ.get("CXX", "c++")
+    key = hashlib.sha256("\0".join(
+        [*(source.read_text() for source in SOURCES + HEADERS), compiler, *FLAGS, torch.__version__, _cpu_tag(),
+         sys.platform]
+    ).encode()).hexdigest()[:16]
+    return compiler, _cache_dir() / f"native_cpu-{key}.so"
+
+
+def needs_build() -> bool:
+    """Whether the first use of the kernels in this environment would build them (about 45 s: see above)."""
+    return os.environ.get("NORMLAB_NATIVE", "1") != "0" and not _target()[1].exists()
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built if needed; None (with one warning) when they cannot be built or loaded.
@@ -131,12 +146,7 @@ def library() -> ctypes.CDLL | None:
     global _module
     if os.environ.get("NORMLAB_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join(
-        [*(source.read_text() for source in SOURCES + HEADERS), compiler, *FLAGS, torch.__version__, _cpu_tag(),
-         sys.platform]
-    ).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"native_cpu-{key}.so"
+    compiler, target = _target()
     try:
         if not target.exists():
             _build(compiler, target)

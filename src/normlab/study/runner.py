@@ -157,6 +157,7 @@ def run_study(config: StudyConfig, log: TextIO | None = None) -> StudyOutcome:
     failures: list[tuple[RunSpec, str]] = []
     interrupted = False
     if todo:
+        _build_kernels_first(config.device, log)
         interrupted = _run_all(config, data, todo, path, failures, log)
     records, _ = read_records(path)
     outcome = StudyOutcome(grid_records(config, records), failures, interrupted, len(done), path)
@@ -206,6 +207,19 @@ def _check_config(config: StudyConfig) -> None:
         raise ValueError(f"unknown device {config.device!r}: expected e.g. cpu, cuda, cuda:1") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} requested but torch sees no CUDA device; use --device cpu")
+
+
+def _build_kernels_first(device: str, log) -> None:
+    """Build normlab's native CPU kernels here, before any run's clock starts: in a fresh environment their
+    one-time build (about a minute) would otherwise count in the wall time of each worker's first run."""
+    import torch
+
+    from normlab.kernels import native_backend
+
+    if torch.device(device).type != "cpu" or not native_backend.needs_build():
+        return
+    print("building normlab's native CPU kernels (once per environment, about a minute)", file=log, flush=True)
+    native_backend.library()
 
 
 def _run_all(config, data: StudyData, todo: list[RunSpec], path: Path, failures: list, log) -> bool:
