@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.autograd.graph import saved_tensors_hooks
 
+import normlab
 import normlab.functional as NF
 from conftest import TOL, assert_close, randn
 from normlab import reference
@@ -496,6 +499,46 @@ def test_native_plans_return_the_statistics_where_the_caller_takes_them():
     y.backward(torch.ones_like(y))  # Σ over a row of dx is 0 (dx is orthogonal to the constant direction)
     torch.testing.assert_close(rows.grad.sum(1), torch.zeros(7), atol=1e-5, rtol=0)
     torch.testing.assert_close(y, NF.layer_norm(rows, (20,)), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("method", ["bn", "in"])
+@pytest.mark.parametrize("buffers", ["contiguous", "strided"])
+def test_native_plans_update_running_estimates_in_the_call(method, buffers):
+    """BN's and IN's training calls hand their running estimates to the native plan, which updates them in C++:
+    by one loop for contiguous buffers, by tensor ops for others (here strided views). Both agree with torch's;
+    a plan bound without statistics refuses them rather than skip the update."""
+    if native_backend.library() is None:
+        pytest.skip("the native kernels could not be built here (see the warning)")
+    functional = {"bn": (NF.batch_norm, F.batch_norm), "in": (NF.instance_norm, F.instance_norm)}[method]
+    estimates = []
+    for fn in functional:
+        store = torch.stack([torch.zeros(6), torch.ones(6)], dim=1)  # (6, 2): columns are strided views
+        rm, rv = (store[:, 0], store[:, 1]) if buffers == "strided" else (store[:, 0].clone(), store[:, 1].clone())
+        assert rm.is_contiguous() == (buffers == "contiguous")
+        for seed in range(3):
+            fn(randn(4, 6, 5, 3, seed=seed) * 3 + 2, rm, rv, None, None, True, 0.25, EPS)
+        estimates.append((rm, rv))
+    for got, want in zip(*estimates, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    x = randn(4, 6, 5, 3, seed=1)
+    xv, view = to_view(x, 2)
+    plan = native_backend.bind(xv, NormSpec(view.group_dims, None, view), statistics=False)
+    with pytest.raises(RuntimeError, match="running estimates given to a plan bound without statistics"):
+        plan(x, None, None, EPS, torch.zeros(6), torch.ones(6), 0.1)
+
+
+def test_num_batches_tracked_counts_like_torch():
+    """The counter is incremented natively on the CPU; its value and version counter move as torch's add_ moves
+    them (one bump per training step, none in eval)."""
+    module, torch_module = normlab.BatchNorm2d(3), nn.BatchNorm2d(3)
+    x = randn(2, 3, 4, 4, seed=1)
+    for _ in range(3):
+        module(x), torch_module(x)
+    module.eval(), torch_module.eval()
+    module(x), torch_module(x)
+    assert module.num_batches_tracked.item() == torch_module.num_batches_tracked.item() == 3
+    assert module.num_batches_tracked._version == torch_module.num_batches_tracked._version
+    assert not native_backend.count_batch(torch.zeros((), dtype=torch.int32))  # not int64: left to add_
 
 
 def test_native_nodes_are_the_ones_recorded():

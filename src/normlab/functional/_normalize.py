@@ -73,15 +73,18 @@ def bind(input: Tensor, xv: Tensor, spec: NormSpec, requested: str | None,
 
 class FeatureCall(NamedTuple):
     """The general run of a BN/IN/GN geometry (see `bind`): view (N, C, *) as 4-d with G groups, normalize,
-    restore the input's shape and layout."""
+    restore the input's shape and layout; given running estimates, update them."""
 
     groups: int
     spec: NormSpec
     backend: Backend
 
-    def __call__(self, input: Tensor, weight, bias, eps: float):
+    def __call__(self, input: Tensor, weight, bias, eps: float, running_mean=None, running_var=None,
+                 momentum: float = 0.0):
         xv, view = to_view(input, self.groups)
         yv, mean, rstd, var = normalize(xv, self.spec, weight, bias, eps, self.backend)
+        if running_mean is not None or running_var is not None:
+            update_batch_running_stats(input, running_mean, running_var, mean, rstd, var, momentum, eps)
         return from_view(yv, view), mean, rstd, var
 
 
@@ -111,11 +114,20 @@ def normalize_tracking(prepare: Callable, input: Tensor, weight, bias, running_m
     """A BN/IN call with the batch's statistics: the run ``prepare`` makes for this geometry (see
     `normlab.functional._prepared`), then the running estimates moved toward the batch's."""
     run = prepared(prepare, input, weight, bias, running_mean, running_var, momentum, eps, backend)
+    if running_mean is None and running_var is None:
+        return run(input, weight, bias, eps)[0]
+    if not isinstance(momentum, Tensor):  # the run updates them (see the contract's ``bind``)
+        return run(input, weight, bias, eps, running_mean, running_var, momentum)[0]
     y, mean, rstd, var = run(input, weight, bias, eps)
-    if running_mean is not None or running_var is not None:
-        m = input.numel() // mean.numel()  # values per statistic: the running variance is unbiased, σ²·m/(m − 1)
-        update_running_stats(running_mean, running_var, mean, variance(var, rstd, eps), momentum, m / (m - 1))
+    update_batch_running_stats(input, running_mean, running_var, mean, rstd, var, momentum, eps)
     return y
+
+
+def update_batch_running_stats(input: Tensor, running_mean, running_var, mean: Tensor, rstd: Tensor, var, momentum,
+                               eps: float) -> None:
+    """`update_running_stats` from the statistics of a normalization of ``input`` (var None: from rstd)."""
+    m = input.numel() // mean.numel()  # values per statistic: the running variance is unbiased, σ²·m/(m − 1)
+    update_running_stats(running_mean, running_var, mean, variance(var, rstd, eps), momentum, m / (m - 1))
 
 
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor,

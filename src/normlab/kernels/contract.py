@@ -14,7 +14,10 @@ for no extra tensor operations.
 A backend may bring its own autograd node: ``bind(xv, spec, statistics=True) -> run`` with
 ``run(x, weight, bias, eps) -> (y, mean, rstd, var)`` for every call of this geometry, ``x`` the contiguous
 tensor that ``xv`` views (y in its shape), weight/bias in their own shapes; with ``statistics=False`` (a caller
-that takes y alone: GN, LN) mean, rstd and var may be None. It does what
+that takes y alone: GN, LN) mean, rstd and var may be None. A run bound with statistics also takes
+``run(x, weight, bias, eps, running_mean, running_var, momentum)`` (a float momentum) and then updates those
+running estimates as `normlab.functional._normalize.update_running_stats` does (BN's and IN's training step in
+one call). It does what
 `autograd.FeatureNormFunction.apply` does, with the same contract (saved: the input and the statistics; double
 backward through the torch backend's closed form). normlab.functional then binds once per geometry and calls
 ``run`` (the native CPU backend: a node in C++, for the per-call overhead).

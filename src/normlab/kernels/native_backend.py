@@ -311,7 +311,8 @@ def bind(xv: Tensor, spec: NormSpec, statistics: bool = True):
     """The contract's ``bind``: this geometry's call, run(x, weight, bias, eps) -> (y, mean, rstd, var), a `Plan`
     of the library's module with its autograd node in C++ (see the module docstring). ``x``: the tensor that
     ``xv`` views, contiguous (or ``xv`` itself); y has its shape. ``weight``/``bias`` in their own shapes.
-    Without ``statistics`` run returns (y, None, None, None)."""
+    Without ``statistics`` run returns (y, None, None, None). Running estimates given after ``eps`` are updated
+    in the same call (see the contract)."""
     plan = _plan_for(xv, _kind(spec))
     return _module.Plan(plan.fields, plan.threads, plan.rows, plan.stats_shape, xv.shape, spec.dims,
                         spec.affine_shape or (), statistics)
@@ -325,6 +326,12 @@ def update_running(running_mean: Tensor | None, running_var: Tensor | None, mean
     contiguous CPU ones (statistics in float32/float64, running buffers in any floating dtype)."""
     return (not _compiling() and library() is not None
             and _module.update_running(running_mean, running_var, mean, var, momentum, var_factor))
+
+
+def count_batch(tracked: Tensor) -> bool:
+    """num_batches_tracked += 1 in one native step (see native_ops.cpp); False, nothing done, where that does not
+    apply: while torch.compile traces, without the library, or for a counter that is no CPU int64 scalar."""
+    return not _compiling() and library() is not None and _module.count_batch(tracked)
 
 
 def weight_norm_node():

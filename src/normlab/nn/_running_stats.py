@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab._checks import check_eps, check_momentum
+from normlab.kernels import native_backend
 
 
 def check_num_features(num_features: int, who: str) -> None:
@@ -22,7 +23,8 @@ def exponential_average_factor(module: nn.Module) -> float | Tensor:
     """
     tracked = getattr(module, "num_batches_tracked", None)
     if module.training and module.track_running_stats and tracked is not None:
-        tracked.add_(1)
+        if not native_backend.count_batch(tracked):  # (a native step where it applies: see there)
+            tracked.add_(1)
         if module.momentum is None:
             return 1.0 / tracked
     return 0.0 if module.momentum is None else module.momentum
