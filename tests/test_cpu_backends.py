@@ -64,6 +64,7 @@ CASES = [
     Case("ln", (3, 2, 5), {"normalized_ndim": 1}),  # transformer rows: over the last dim
     Case("ln", (2, 3, 5, 4), {"normalized_ndim": 3}),  # over (C, H, W), elementwise affine
     Case("ln", (9, 4, 7), {"normalized_ndim": 1}),  # 36 rows: native γ, β gradients by rows, not by columns
+    Case("ln", (17, 3, 2, 2), {"normalized_ndim": 3}),  # over (C, H, W), 17 samples: by rows, an odd count
     Case("sn", (2, 3, 4, 5)),  # all three sources, batch 2
     Case("sn", (3, 4, 3), {"sources": ("in", "ln")}),  # using_bn=False
     Case("sn", (4, 3), {"sources": ("ln", "bn")}),  # (N, C): SwitchNorm1d, one position per channel
