@@ -45,6 +45,9 @@ def check_running_norm_args(
     check_tensor(input, who)
     check_dims(input, ndims, who, "(N, C, *spatial)")
     check_eps(eps, who)
+    if momentum is None:  # (a module's momentum=None: checked there, passed here as 1/num_batches_tracked)
+        raise ValueError(f"{who}: momentum must be a number in [0, 1] or a tensor (a cumulative average's 1/k), "
+                         "got None")
     if not isinstance(momentum, Tensor):
         check_momentum(momentum, who)
     channels = input.shape[1]
