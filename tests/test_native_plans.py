@@ -93,3 +93,42 @@ def test_native_nodes_are_the_ones_recorded():
     assert weight_normalized(v, g, 0).grad_fn.name() == "WeightNormBackward"
     g_middle = torch.ones(1, 4, 1, requires_grad=True)  # the middle axis: not what the fused kernels take
     assert weight_normalized(v, g_middle, 1).grad_fn.name() != "WeightNormBackward"
+
+
+# (v's shape, dim, what it exercises); rows of 99 values end in a partial vector block, rows of 1500 span chunks
+WEIGHT_NORM_BACKWARD_CASES = [
+    ((7, 33, 3), 0, "native rows"),
+    ((5, 1500), 0, "native rows longer than a chunk"),
+    ((7, 33, 3), 0, "native rows of a permuted tensor"),
+    ((6, 4, 5), 2, "last axis: ATen's kernel"),
+]
+
+
+@pytest.mark.parametrize("route", ["one thread", "two threads", "streamed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,dim,what", WEIGHT_NORM_BACKWARD_CASES, ids=[c[2] for c in WEIGHT_NORM_BACKWARD_CASES])
+def test_weight_norm_node_backward_is_the_closed_form(shape, dim, what, dtype, route, monkeypatch):
+    """The node's first-order backward against the closed form in float64, which test_weight_norm.py checks against
+    the NumPy reference. By rows the native kernel runs for bfloat16 (on one thread, on several) and for float32
+    weights large enough to stream ∇v (here all: "streamed"); ATen's kernel for the rest."""
+    from normlab.functional.weight_norm import closed_form_backward, weight_normalized
+
+    if route != "one thread":
+        monkeypatch.setattr(native_backend, "PARALLEL_MIN", 1)
+    if route == "streamed":
+        monkeypatch.setattr(native_backend, "LARGE_MIN", 3)
+    g_shape = [1] * len(shape)
+    g_shape[dim] = shape[dim]
+    v = randn(*shape, seed=3).to(dtype)
+    if "permuted" in what:  # a view with v's shape and reversed strides
+        v = randn(*reversed(shape), seed=3).to(dtype).permute(*reversed(range(len(shape))))
+    v.requires_grad_()
+    g = (0.5 + randn(*g_shape, seed=4).abs()).to(dtype).requires_grad_()
+    dw = randn(*shape, seed=5).to(dtype)
+    w = weight_normalized(v, g, dim)
+    assert w.grad_fn.name() == "WeightNormBackward"
+    w.backward(dw)
+    dv, dg = closed_form_backward(dw.double(), v.detach().double(), g.detach().double(), dim)
+    assert v.grad.dtype == dtype and g.grad.dtype == dtype
+    torch.testing.assert_close(v.grad.double(), dv, **TOL[dtype])
+    torch.testing.assert_close(g.grad.double(), dg, **TOL[dtype])

@@ -221,6 +221,27 @@ def test_our_checkpoint_loads_into_torch(factory, shape, dim, why):
     close(theirs(x), ours(x), torch.float32)
 
 
+@pytest.mark.parametrize("node", ["native", "python"])
+def test_channels_last_layer_matches_torch(node, monkeypatch):
+    # model.to(memory_format=torch.channels_last) makes v a channels_last tensor; ATen's fused kernels read memory
+    # in row-major order whatever the strides, so it must be made contiguous before them (it once was not: w came
+    # out silently wrong). "python": the autograd.Function that runs where the native library does not.
+    from normlab.kernels import native_backend
+
+    if node == "python":
+        monkeypatch.setattr(native_backend, "weight_norm_node", lambda: None)
+    theirs, ours = _pair(lambda: nn.Conv2d(3, 5, 3), 0)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs, ours = (m.to(memory_format=torch.channels_last) for m in (theirs, ours))
+    assert not ours.parametrizations.weight.original1.is_contiguous()
+    x = randn(2, 3, 6, 6, seed=14, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    y_theirs, g_theirs = _outputs_and_grads(theirs, x)
+    y_ours, g_ours = _outputs_and_grads(ours, x)
+    close(y_ours, y_theirs, torch.float32)
+    for name in g_ours:
+        close(g_ours[name], g_theirs[name], torch.float32)
+
+
 def test_old_style_weight_g_weight_v_keys_load():
     # The deprecated torch.nn.utils.weight_norm saved `weight_g` / `weight_v`; torch's new one accepts them.
     layer = weight_norm(nn.Linear(4, 3))

@@ -45,8 +45,8 @@ class _WeightNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(v: Tensor, g: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:
         """(w, ‖v‖): the norms (like g, float32+) are not differentiable; the backward reuses them."""
-        if _fused_applies(v, g, dim):
-            return torch._weight_norm_interface(v, g, dim)
+        if _fused_applies(v, g, dim):  # (its kernels read memory in row-major order whatever the strides)
+            return torch._weight_norm_interface(v.contiguous(), g.contiguous(), dim)
         cdt = stats_dtype(v.dtype, g.dtype)
         v_, g_ = v.to(cdt), g.to(cdt)  # v: (O, ...) ; g: v's shape with 1 on the reduced axes, or ()
         norms = norm_except_dim(v_, dim)
@@ -72,7 +72,8 @@ class _WeightNormFunction(torch.autograd.Function):
     def backward(ctx, dw: Tensor, _dnorms):
         v, g, norms = ctx.saved_tensors
         if not torch.is_grad_enabled() and _fused_applies(v, g, ctx.dim) and dw.dtype == v.dtype:
-            dv, dg = torch.ops.aten._weight_norm_interface_backward(dw.contiguous(), v, g, norms, ctx.dim)
+            dv, dg = torch.ops.aten._weight_norm_interface_backward(dw.contiguous(), v.contiguous(), g.contiguous(),
+                                                                    norms, ctx.dim)
             return dv, dg, None
         # the norms are recomputed when this backward is differentiated (a function of v again)
         dv, dg = closed_form_backward(dw, v, g, ctx.dim, None if torch.is_grad_enabled() else norms)

@@ -20,7 +20,7 @@ of `kernels.autograd`, see native_ops.cpp): a Python autograd.Function alone cos
 torch.nn's whole GroupNorm, and so does a custom operator's generic binding. The backend's
 `forward`/`backward` (the contract's functions, for callers of the contract) reach the same kernels through
 ctypes. Switchable Norm likewise has a plan with its node in C++ (`bind_switch`, native_switch.cpp), and Weight
-Normalization a node around ATen's fused kernels (`weight_norm_node`, native_weight_norm.cpp).
+Normalization a node of ATen's fused forward and the native backward (`weight_norm_node`, native_weight_norm.cpp).
 
 Built on first use with the system's C++ compiler (``$CXX``, else ``c++``; OpenMP, ``-march=native``; torch's
 and Python's headers, torch's libraries) into ``$NORMLAB_CACHE_DIR`` (default ``~/.cache/normlab``), keyed by
@@ -335,9 +335,14 @@ def count_batch(tracked: Tensor) -> bool:
 
 
 def weight_norm_node():
-    """The library's ``weight_norm(v, g, dim) -> w`` (native_weight_norm.cpp: ATen's fused weight-norm kernels behind
-    an autograd node in C++), or None without the library or while torch.compile traces."""
-    return None if _compiling() or library() is None else _module.weight_norm
+    """``weight_norm(v, g, dim) -> w`` with the library's autograd node (native_weight_norm.cpp: ATen's fused
+    forward, the native backward along the first axis), or None without the library or while torch.compile
+    traces."""
+    return None if _compiling() or library() is None else _weight_norm
+
+
+def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    return _module.weight_norm(v, g, dim, PARALLEL_MIN, LARGE_MIN // 3)  # (∇w, v, ∇v: three of v's size)
 
 
 def forward(xv: Tensor, weight, bias, spec: NormSpec, eps: float):

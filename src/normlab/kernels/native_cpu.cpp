@@ -817,6 +817,34 @@ void cell_combine(const T* dy, const T* x, T* out, const C* a, const C* k, const
     }
 }
 
+// Weight Normalization's backward along the first axis (SPEC §1): w = g_r·v/‖v_r‖ over `rows` rows of `len`
+// contiguous values, given ∇w and the forward's norms,
+//     ∇g_r = Σ ∇w·v / ‖v_r‖,     ∇v = (g_r/‖v_r‖)·∇w − (g_r·∇g_r/‖v_r‖²)·v
+// Rows run in parallel; a row is read again from L1/L2 for ∇v, so memory sees ∇w and v once. (ATen's fused
+// kernel does the same; its forward is at the memory's speed already and is kept.) `stream`: ∇v (float32) is
+// written past the caches, as a large copy is (see `weight_norm_backward` in native_weight_norm.cpp).
+template <typename T, typename C = compute_t<T>>
+void weight_norm_rows_backward(const T* dw, const T* v, const T* g, const C* norms, T* dv, T* dg, i64 rows, i64 len,
+                               bool stream, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (i64 r = 0; r < rows; ++r) {
+            const i64 at = r * len;
+            double dot = 0, unused = 0;  // Σ ∇w·v
+            for (i64 start = 0; start < len; start += CHUNK)
+                block_sums<C>(dw + at + start, v + at + start, chunk_end(start, len) - start, C(0), C(0),
+                              [](Block<C> d, Block<C> u, Block<C>& a, Block<C>&) { a += d * u; }, dot, unused);
+            const double norm = norms[r], gain = load(g[r]), grad_g = dot / norm;
+            if (dg != nullptr) dg[r] = store<T, C>(C(grad_g));
+            if (dv != nullptr)
+                combine<T>(dw + at, v + at, dv + at, len, C(gain / norm), C(-gain * grad_g / (norm * norm)), C(0),
+                           C(0), nullptr, nullptr, nullptr, stream);
+        }
+        if (stream) store_fence();  // once per thread (see `store_fence`)
+    }
+}
+
 // Runs f with the storage type that `dtype` names: 0 float32, 1 bfloat16, 2 float64.
 template <typename F> int dispatch(int dtype, F&& f) {
     switch (dtype) {
@@ -876,6 +904,17 @@ int nl_cell_combine(int dtype, const void* dy, const void* x, void* out, const v
         cell_combine<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(out),
                         static_cast<const C*>(a), static_cast<const C*>(k), static_cast<const C*>(centre),
                         static_cast<const C*>(c), cells, len, stream != 0, threads);
+    });
+}
+
+int nl_weight_norm_backward(int dtype, const void* dw, const void* v, const void* g, const void* norms, void* dv,
+                            void* dg, int64_t rows, int64_t len, int stream, int threads) {
+    return dispatch(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        using C = typename Compute<T>::type;
+        weight_norm_rows_backward<T>(static_cast<const T*>(dw), static_cast<const T*>(v), static_cast<const T*>(g),
+                                     static_cast<const C*>(norms), static_cast<T*>(dv), static_cast<T*>(dg), rows,
+                                     len, stream != 0, threads);
     });
 }
 
