@@ -98,6 +98,24 @@ def test_backend_choice_reaches_normlab_layers(capsys):
     assert not hasattr(bench.setup("gn", "torch", (2, 8, 4, 4), torch.float32, backend="torch").layer, "backend")
 
 
+def test_channels_last_layout_reaches_every_provider(capsys):
+    """--channels-last stores the 4-d input (WN: the conv's weight) channels_last for normlab and the baseline
+    alike, the gradient fed to backward too; rows and shapes that have no such layout stay as they are."""
+    assert main(["bench", "--methods", "gn,wn", "--shapes", "2x8x4x4,6x8", "--dtypes", "float32", "--reps", "1",
+                 "--warmup", "0", "--channels-last", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["layout"] == "channels_last" and len(report["results"]) == 6
+    for provider in ("normlab", "torch"):
+        case = bench.setup("gn", provider, (2, 8, 4, 4), torch.float32, layout="channels_last")
+        assert case.tensor.is_contiguous(memory_format=torch.channels_last) and not case.tensor.is_contiguous()
+        layer = bench.setup("wn", provider, (2, 8, 4, 4), torch.float32, layout="channels_last").layer
+        v = layer.parametrizations.weight.original1  # (torch's names, which normlab's weight_norm keeps)
+        assert v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+        assert bench.setup("ln", provider, (6, 8), torch.float32, layout="channels_last").tensor.is_contiguous()
+    with pytest.raises(ValueError, match="unknown layout"):
+        bench.run(methods=["gn"], shapes=[(2, 4, 3, 3)], layout="nhwc")
+
+
 def test_cli_progress_and_save(capsys, tmp_path):
     """Progress on stderr (stdout keeps only the JSON); --save holds the report, rewritten after each case."""
     path = tmp_path / "bench.json"

@@ -222,6 +222,8 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "native", "cpu", "triton"),
                    help="normlab's kernel (default: auto — Triton on CUDA; on the CPU normlab's native kernels, "
                         "else ATen's)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="store 4-d and 5-d inputs (and WN's conv weights) channels_last, for every provider")
     p.add_argument("--save", metavar="PATH", default=None,
                    help="also write the JSON report to PATH, rewritten after every case (an interrupted run "
                         "keeps what it measured)")
@@ -261,7 +263,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     try:
         report = bench.run(args.methods, args.shapes, args.dtypes, args.reps, args.warmup, progress=progress,
-                           device=args.device, backend=args.backend, checkpoint=checkpoint)
+                           device=args.device, backend=args.backend, checkpoint=checkpoint,
+                           layout="channels_last" if args.channels_last else "contiguous")
     except ValueError as err:
         print(f"normlab bench: error: {err}", file=sys.stderr)
         return 2

@@ -101,7 +101,8 @@ def measure(cases: list[Case], reps: int = 15, warmup: int = 3, passes: tuple[st
     dys, rows = [], []
     for case in cases:
         y = case.forward()
-        dys.append(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        dys.append(torch.empty_like(y).copy_(dy))  # (in y's layout, as the gradient from the next layer would be)
         del y
         _reset(case.leaves)
         nbytes = case.tensor.numel() * case.tensor.element_size()

@@ -22,6 +22,7 @@ import normlab
 from normlab.bench.authors_switch_norm import AuthorsSwitchNorm2d
 
 METHODS = ("bn", "gn", "in", "ln", "sn", "wn")
+LAYOUTS = ("contiguous", "channels_last")
 BASELINE = {"bn": "torch", "gn": "torch", "in": "torch", "ln": "torch", "sn": "authors", "wn": "torch"}
 GROUPS = 32  # GN's groups (the GN paper's default; every default shape has 32 | C), or gcd(32, C)
 
@@ -87,10 +88,19 @@ def _weight_layer(shape: tuple[int, ...]) -> nn.Module:
     return nn.Linear(channels, channels) if len(shape) == 2 else nn.Conv2d(channels, channels, 3)
 
 
+def in_layout(t: Tensor, layout: str) -> Tensor:
+    """``t`` stored as ``layout`` says: "channels_last" gives 4-d and 5-d tensors channels_last(_3d) strides
+    (a practitioner's `model.to(memory_format=torch.channels_last)`); other tensors stay as they are."""
+    if layout == "channels_last" and t.dim() in (4, 5):
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t
+
+
 def setup(method: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0,
-          device: str | torch.device = "cpu", backend: str = "auto") -> Case | None:
+          device: str | torch.device = "cpu", backend: str = "auto", layout: str = "contiguous") -> Case | None:
     """The case, or None where it does not apply (shape) or cannot run here (WN module not importable).
-    ``backend`` picks normlab's kernel ("auto", "torch", "native", "cpu", "triton"); baselines ignore it."""
+    ``backend`` picks normlab's kernel ("auto", "torch", "native", "cpu", "triton"); baselines ignore it.
+    ``layout`` (one of `LAYOUTS`) stores the input — WN: the conv's weight v — channels_last for every provider."""
     if not applies(method, shape):
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -100,11 +110,13 @@ def setup(method: str, provider: str, shape: tuple[int, ...], dtype: torch.dtype
             return None
         torch.manual_seed(seed)
         layer = wrap(_weight_layer(shape)).to(device=device, dtype=dtype)
+        if layout == "channels_last":  # (4-d parameters only: a Linear's weight stays as it is)
+            layer = layer.to(memory_format=torch.channels_last)
         leaves = [p for p in layer.parameters() if p.requires_grad]
         return Case(method, provider, lambda: layer.weight, layer.weight.detach(), leaves, layer)
     layer = _feature_layer(method, provider, shape).to(device=device, dtype=dtype).train()
     if provider == "normlab":
         layer.backend = backend
-    x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+    x = in_layout(torch.randn(shape, generator=generator).to(device=device, dtype=dtype), layout).requires_grad_()
     leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
     return Case(method, provider, lambda: layer(x), x.detach(), leaves, layer)

@@ -52,9 +52,10 @@ def table(report: dict) -> str:
 def _where(machine: dict, settings: dict) -> str:
     """The device line: the GPU and normlab's backend, or the CPU threads."""
     backend = settings.get("backend", "auto")
+    layout = ", channels_last inputs" if settings.get("layout") == "channels_last" else ""
     if machine.get("gpu"):
-        return f"{machine['gpu']} ({machine['device']}), normlab backend {backend}"
-    return f"{machine['threads']} threads, {machine['cpus']} CPUs, normlab backend {backend}"
+        return f"{machine['gpu']} ({machine['device']}), normlab backend {backend}{layout}"
+    return f"{machine['threads']} threads, {machine['cpus']} CPUs, normlab backend {backend}{layout}"
 
 
 def markdown(report: dict) -> str:

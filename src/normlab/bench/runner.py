@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from normlab.bench.harness import PASSES, measure
-from normlab.bench.providers import BASELINE, METHODS, providers, setup
+from normlab.bench.providers import BASELINE, LAYOUTS, METHODS, providers, setup
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = (
     (32, 64, 56, 56),  # ResNet stage 1 at batch 32
@@ -58,6 +58,7 @@ def run(
     device: str = "cpu",
     backend: str = "auto",
     checkpoint: Callable[[dict], None] | None = None,
+    layout: str = "contiguous",
 ) -> dict:
     """Run the matrix; returns {"machine", "settings", "results": [one dict per case]}.
 
@@ -67,7 +68,8 @@ def run(
     ``checkpoint`` with the report so far after each (method, shape, dtype) group. Interrupted (Ctrl-C), it
     returns what was complete, with ``"interrupted": True``.
     ``device`` places every provider's layer and input (CUDA timings synchronize); ``backend`` picks
-    normlab's kernel ("auto": Triton on CUDA; on the CPU normlab's native kernels, else ATen's).
+    normlab's kernel ("auto": Triton on CUDA; on the CPU normlab's native kernels, else ATen's); ``layout``
+    "channels_last" stores 4-d and 5-d inputs (and WN's conv weights) channels_last for every provider.
     """
     methods, shapes, dtypes = list(methods), [tuple(s) for s in shapes], list(dtypes)
     unknown = [m for m in methods if m not in METHODS]
@@ -76,14 +78,17 @@ def run(
     for dtype in dtypes:
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; expected a torch dtype name such as float32 or bfloat16")
-    settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes), "backend": backend}
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS)}")
+    settings = {"reps": reps, "warmup": warmup, "statistic": "median", "passes": list(passes), "backend": backend,
+                "layout": layout}
     report = {"machine": machine(device), "settings": settings, "results": [], "interrupted": False}
     try:
         for dtype in dtypes:
             for shape in shapes:
                 for method in methods:
-                    cases = [setup(method, provider, shape, getattr(torch, dtype), device=device, backend=backend)
-                             for provider in providers(method)]
+                    cases = [setup(method, provider, shape, getattr(torch, dtype), device=device, backend=backend,
+                                   layout=layout) for provider in providers(method)]
                     cases = [case for case in cases if case is not None]
                     group = []
                     for case, row in zip(cases, measure(cases, reps, warmup, passes) if cases else [], strict=True):

@@ -4,7 +4,7 @@
 //                                                             dim the first or the last axis
 //     backward    ∇v, ∇g: ATen's _weight_norm_interface_backward, or native_cpu.cpp's `weight_norm_rows_backward`
 //                 where that is faster (see `weight_norm`)
-//     saved       v, g and the norms (one per index of dim)
+//     saved       v, g (contiguous: a channels_last v's copy) and the norms (one per index of dim)
 //     double      torch's own double backward of the fused kernel is wrong (it fails gradgradcheck in torch
 //     backward    2.13), so a differentiated backward runs the closed form (SPEC §1) through the Python
 //                 operator normlab::weight_norm_graph_backward (functional/weight_norm.py).
@@ -45,14 +45,14 @@ struct WeightNormBackward : public torch::autograd::Node {
     int threads_ = 1;      // ... on this many threads
 };
 
-// ∇v, ∇g of w = g·v/‖v‖ along the first axis, by native_cpu.cpp's `weight_norm_rows_backward`.
+// ∇v, ∇g of w = g·v/‖v‖ along the first axis, by native_cpu.cpp's `weight_norm_rows_backward` (v, g and the
+// norms contiguous: the node saves them so).
 void rows_backward(const at::Tensor& dw, const at::Tensor& v, const at::Tensor& g, const at::Tensor& norms,
                    bool stream, int threads, at::Tensor& dv, at::Tensor& dg) {
-    const at::Tensor vc = v.contiguous(), gc = g.contiguous(), nc = norms.contiguous();
-    dv = at::empty_like(vc, at::MemoryFormat::Contiguous);
-    dg = at::empty_like(gc, at::MemoryFormat::Contiguous);
+    dv = at::empty_like(v);
+    dg = at::empty_like(g);
     const int64_t rows = v.size(0), len = rows ? v.numel() / rows : 0;
-    nl_weight_norm_backward(dtype_code(v.scalar_type()), dw.data_ptr(), vc.data_ptr(), gc.data_ptr(), nc.data_ptr(),
+    nl_weight_norm_backward(dtype_code(v.scalar_type()), dw.data_ptr(), v.data_ptr(), g.data_ptr(), norms.data_ptr(),
                             dv.data_ptr(), dg.data_ptr(), rows, len, stream, threads);
 }
 
@@ -73,7 +73,7 @@ variable_list WeightNormBackward::apply(variable_list&& grads) {
         rows_backward(dw, v, g, norms_, stream_, threads_, dv, dg);
     } else {
         at::AutoDispatchBelowADInplaceOrView guard;
-        std::tie(dv, dg) = at::_weight_norm_interface_backward(dw, v.contiguous(), g.contiguous(), norms_, dim_);
+        std::tie(dv, dg) = at::_weight_norm_interface_backward(dw, v, g, norms_, dim_);
     }
     return {need_v ? dv : at::Tensor(), need_g ? dg : at::Tensor()};
 }
@@ -88,18 +88,19 @@ at::Tensor weight_norm(const at::Tensor& v, const at::Tensor& g, int64_t dim, in
                        int64_t stream_min) {
     using torch::autograd::isFwGradDefined;
     TORCH_CHECK(!isFwGradDefined(v) && !isFwGradDefined(g), "normlab weight norm: forward-mode AD is not implemented");
-    at::Tensor w, norms;
+    // ATen's fused kernels read memory in row-major order whatever the strides: a channels_last v is made
+    // contiguous first, and that copy is what the backward reads (as torch's own _weight_norm does)
+    at::Tensor vc, gc, w, norms;
     {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        // (ATen's fused kernels read memory in row-major order whatever the strides: a channels_last v must be
-        // made contiguous first, as torch's own _weight_norm does)
-        std::tie(w, norms) = at::_weight_norm_interface(v.contiguous(), g.contiguous(), dim);
+        at::AutoDispatchBelowADInplaceOrView guard;  // (the copies are not recorded either)
+        vc = v.contiguous(), gc = g.contiguous();
+        std::tie(w, norms) = at::_weight_norm_interface(vc, gc, dim);
     }
     if (torch::autograd::compute_requires_grad(v, g)) {
         const auto node = c10::make_intrusive<WeightNormBackward>();
         node->set_next_edges(torch::autograd::collect_next_edges(v, g));
-        node->v_ = torch::autograd::SavedVariable(v, false);
-        node->g_ = torch::autograd::SavedVariable(g, false);
+        node->v_ = torch::autograd::SavedVariable(vc, false);
+        node->g_ = torch::autograd::SavedVariable(gc, false);
         node->norms_ = norms, node->dim_ = dim;
         const bool large = v.scalar_type() == at::kFloat && int64_t(v.nbytes()) >= stream_min;
         node->native_ = dim == 0 && (v.scalar_type() == at::kBFloat16 || large);
