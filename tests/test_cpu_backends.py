@@ -51,7 +51,15 @@ CASES = [
     Case("bn", (2, 4, 3, 3)),  # batch 2, as in the study
     Case("bn", (5, 3)),  # (N, C): BatchNorm1d without positions
     Case("bn", (2, 3, 2, 3, 2)),  # 5-d input
-    Case("bn", (3, 4, 5, 2), channels_last=True),  # channels_last: moments + batch-norm pass, ATen backward
+    Case("bn", (3, 4, 5, 2), channels_last=True),  # channels_last ("cpu": moments + batch-norm pass, ATen backward)
+    # channels_last, natively: rows of C channels, each thread a share of the rows; more than 1024 rows of a
+    # slab (the chunked sums leave a tail), a 5-d input (channels_last_3d)
+    Case("gn", (2, 6, 4, 3), {"groups": 3}, channels_last=True),
+    Case("in", (2, 5, 3, 3), channels_last=True),
+    Case("gn", (2, 4, 40, 30), {"groups": 2}, channels_last=True),
+    Case("bn", (3, 5, 20, 20), channels_last=True),
+    Case("in", (2, 3, 2, 550), channels_last=True),
+    Case("gn", (2, 4, 2, 3, 2), {"groups": 2}, channels_last=True),
     Case("gn", (2, 6, 5), {"groups": 3}),  # 2 channels per group
     Case("gn", (2, 6, 4, 3), {"groups": 1}),  # G = 1: SPEC's LN with per-channel affine
     Case("gn", (2, 6, 4, 3), {"groups": 6}),  # G = C: IN
@@ -116,9 +124,16 @@ def route(request, monkeypatch):
     return request.param
 
 
+NATIVE_CHANNELS_LAST = ("bn", "gn", "in")  # the methods that the native kernels run on channels_last inputs
+
+
 def skip_unsupported(case, backend, dtype=torch.float32):
-    if backend == "native" and (case.channels_last or dtype == torch.float16):
-        pytest.skip("native takes contiguous float32/bfloat16/float64 inputs (others: test_*_fall_back)")
+    if backend == "native" and (case.channels_last and case.method not in NATIVE_CHANNELS_LAST
+                                or dtype == torch.float16):
+        pytest.skip("native takes float32/bfloat16/float64 inputs, contiguous or channels_last BN/GN/IN "
+                    "(others: test_*_fall_back)")
+    if backend == "cpu" and case.channels_last and case.method != "bn":
+        pytest.skip("cpu takes channels_last BN only (others: test_*_fall_back)")
 
 
 def make_inputs(case, dtype, offset=0.0):
@@ -249,7 +264,8 @@ def test_auto_picks_a_cpu_backend_for_contiguous_cpu_tensors(dtype):
 
 
 FALLBACKS = [
-    # channels_last GN/IN/LN: ATen's kernels compute E[x²] − E[x]² there (cancels under an offset)
+    # channels_last GN/IN/LN: ATen's kernels compute E[x²] − E[x]² there (cancels under an offset): "cpu" hands
+    # them on; the native kernels run GN and IN (and BN) themselves, not SN
     Case("gn", (2, 6, 4, 3), {"groups": 3}, channels_last=True),
     Case("in", (2, 5, 3, 3), channels_last=True),
     Case("gn", (2, 6, 4, 3), {"groups": 1}, channels_last=True),
@@ -261,6 +277,8 @@ FALLBACKS = [
 def test_unsupported_layouts_fall_back(case, backend):
     if backend == "cpu" and case.method == "bn":
         pytest.skip("the cpu backend runs channels_last BN")
+    if backend == "native" and case.method in NATIVE_CHANNELS_LAST:
+        pytest.skip("the native backend runs channels_last BN, GN and IN")
     x, p = make_inputs(case, torch.float32)
     with pytest.raises(ValueError, match="cannot run this call"):
         call(case, x, p, backend)
@@ -273,11 +291,13 @@ def test_unsupported_layouts_fall_back(case, backend):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.channels_last][::2], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if not c.channels_last][::2] + [c for c in CASES if c.channels_last],
+                         ids=lambda c: c.id)
 def test_large_offset_stays_accurate(case, backend, route):
     """x = 1e4 + noise: float32 output within 5e-3 of float64 (SPEC §2), gradients as accurate as the torch
     backend's. "cpu" sees |μ|/σ > OFFSET_LIMIT and hands the call to the torch backend (the same numbers);
     "native" centres x itself (the corrected two-pass moments, dx from x − μ)."""
+    skip_unsupported(case, backend)
     x, p = make_inputs(case, torch.float32, offset=1e4)
     dy = randn(*case.shape, seed=6)
     out, grads = run(case, x, p, backend, dy)

@@ -1,8 +1,7 @@
 """The "cpu" backend: every method composed from ATen's fused CPU kernels, about one memory pass each way.
 
 "auto" prefers the native backend (normlab's own kernels, native_backend.py) for CPU tensors; this one runs
-what that does not take (float16, channels_last BN) and every CPU call when the native kernels cannot be
-built here.
+what that does not take (float16) and every CPU call when the native kernels cannot be built here.
 
 Normalization is memory-bound, so the cost of a method is the number of full passes over the tensor. On the
 CPU, torch's group-norm and layer-norm kernels run at about the speed of a copy, while its batch norm in

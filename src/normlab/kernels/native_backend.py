@@ -10,8 +10,9 @@ while they are read three times (see the .cpp file) — so each direction costs 
     backward  x, dy in, dx out               dx = r·γ·dy + k·(x − μ) + c per set;  dγ = Σ dy·x̂, dβ = Σ dy
 
 Calls it takes (`supports`): contiguous NCHW views of GN, IN, LN over (C, *) and BN, LN over trailing dims,
-and Switchable Norm (two passes forward, as its statistics mix across cells). Statistics, parameters and
-arithmetic are float32 (float64 for float64 inputs). Channels_last and float16 inputs, other devices and
+channels_last views of GN, IN and BN (rows of C channels: the .cpp's `forward_channels_last`), and Switchable
+Norm (two passes forward, as its statistics mix across cells). Statistics, parameters and arithmetic are
+float32 (float64 for float64 inputs). Channels_last SN and LN over (C, *), float16 inputs, other devices and
 torch.compile tracing go to the next backend ("cpu", then "torch").
 
 Per-call overhead: BN/LN/IN/GN calls from normlab.functional go through `bind`, a `Plan` of the call's geometry
@@ -192,12 +193,13 @@ def _graph_backward(dy: Tensor, x: Tensor, weight: Tensor | None, view_shape, di
 # ---------------------------------------------------------------- what runs here
 
 def _kind(spec: NormSpec) -> str | None:
-    """'rows' (LN over trailing dims), 'group' (GN/LN/IN over (N, G, C/G, L)), 'batch' (BN over (N, C, 1, L))."""
+    """'rows' (LN over trailing dims), 'group' (GN/LN/IN over (N, G, C/G, L)), 'batch' (BN over (N, C, 1, L)),
+    and for channels_last inputs 'group_cl' (over (N, L, G, C/G)) and 'batch_cl' (over (N, L, C, 1))."""
     view = spec.view
     if view is None:
         return "rows" if spec.dims == (1,) else None
     if view.channels_last:
-        return None
+        return "group_cl" if len(spec.dims) == 2 else "batch_cl"
     return "group" if len(spec.dims) == 2 else "batch"
 
 
@@ -242,7 +244,18 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
     stream = int(dtype == torch.float32 and ahead)
     # geometry: n_outer, n_inner, n_seg, len, outer, inner, step, ch_inner, ch_seg, channels, per_element, stream,
     # params_in_storage_type (0 here: the native node sets it per call, the ctypes path passes float32+
-    # parameters), ahead
+    # parameters), ahead, channels_last
+    if kind in ("group_cl", "batch_cl"):  # slabs of rows of C channels; sets of C/G columns (see the .cpp)
+        n, positions, groups, per_group = shape
+        channels = groups * per_group
+        if kind == "group_cl":
+            geometry = (n, groups, per_group, positions, positions * channels, 0, 0, 0, 0, channels, 0, 0, 0, 0, 1)
+            sets, stats_shape, part_rows = n * groups, (n, 1, groups, 1), n
+        else:  # one slab of all samples' rows, a set per channel
+            geometry = (1, channels, 1, n * positions, 0, 0, 0, 0, 0, channels, 0, 0, 0, 0, 1)
+            sets, stats_shape, part_rows = channels, (1, 1, channels, 1), 1
+        return _Plan((_i64 * len(geometry))(*geometry), geometry, sets, stats_shape, channels, part_rows,
+                     threads, 0, _DTYPES[dtype], stats_dtype(dtype))
     if kind == "rows":  # γ_l, β_l per element; their gradients by columns when rows are few (per_element 2)
         rows, width = shape
         by_columns = rows < COLUMNS_ROWS_PER_THREAD * threads
@@ -258,7 +271,7 @@ def _plan(shape: tuple[int, ...], dtype: torch.dtype, kind: str, threads: int, p
         else:  # batch: the view has groups = C
             geometry = (1, groups, n, positions, 0, positions, channels * positions, 1, 0, channels, 0, stream)
             sets, stats_shape, part_rows = groups, (1, groups, 1, 1), 1
-    geometry += (0, ahead)
+    geometry += (0, ahead, 0)
     return _Plan((_i64 * len(geometry))(*geometry), geometry, sets, stats_shape, channels, part_rows,
                  threads, stream, _DTYPES[dtype], stats_dtype(dtype))
 

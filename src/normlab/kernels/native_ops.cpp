@@ -39,6 +39,7 @@ namespace {
 
 using normlab_native::data;
 using normlab_native::dtype_code;
+using normlab_native::GEOMETRY_FIELDS;
 using normlab_native::stats_type;
 using torch::autograd::variable_list;
 
@@ -53,7 +54,7 @@ at::Tensor kernel_param(const at::Tensor& p, at::ScalarType acc) {
 // γ and β that already have x's dtype (bfloat16) are read in it (the `Sets` field params_in_storage_type): a
 // bfloat16 call then converts no parameter on each call — two small allocations per call, or for LN over rows
 // a parameter as large as a sample.
-constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 12, GEOMETRY_FIELDS = 14;  // `Sets` fields
+constexpr int64_t PER_ELEMENT = 10, PARAMS_IN_STORAGE_TYPE = 12;  // `Sets` fields
 
 bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at::Tensor*> params) {
     if (stats_type(x.scalar_type()) == x.scalar_type()) return false;
@@ -62,7 +63,7 @@ bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at:
     return true;
 }
 
-// One geometry of a call, built once by native_backend.py's `_plan`: the 14 fields of `Sets`, the threads,
+// One geometry of a call, built once by native_backend.py's `_plan`: the GEOMETRY_FIELDS fields of `Sets`, the threads,
 // the rows of parameter-gradient partials, the statistics' shape; for the double backward the view of x that
 // the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none); and
 // whether the caller takes the statistics (BN's and IN's running estimates) or y alone (GN, LN).

@@ -20,6 +20,8 @@ int nl_weight_norm_backward(int dtype, const void* dw, const void* v, const void
 
 namespace normlab_native {
 
+constexpr int64_t GEOMETRY_FIELDS = 15;  // native_cpu.cpp's `Sets`, as native_backend.py's `_plan` fills it
+
 inline int dtype_code(at::ScalarType t) {  // native_cpu.cpp's codes
     switch (t) {
         case at::kFloat: return 0;

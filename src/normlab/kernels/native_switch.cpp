@@ -62,7 +62,8 @@ struct SwitchPlan : std::enable_shared_from_this<SwitchPlan> {
                bool running_bn_, bool authors_compat_)
         : geometry(std::move(geometry_)), threads(threads_), sources(std::move(sources_)),
           source_names(std::move(names)), running_bn(running_bn_), authors_compat(authors_compat_) {
-        TORCH_CHECK(geometry.size() == 14, "normlab SwitchPlan: a geometry holds 14 values, got ", geometry.size());
+        TORCH_CHECK(geometry.size() == GEOMETRY_FIELDS, "normlab SwitchPlan: a geometry holds ", GEOMETRY_FIELDS,
+                    " values, got ", geometry.size());
         TORCH_CHECK(!sources.empty() && sources.size() <= 3, "normlab SwitchPlan: 1 to 3 sources, got ",
                     sources.size());
         n = geometry[0], channels = geometry[1], positions = geometry[3];
