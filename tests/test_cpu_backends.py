@@ -98,6 +98,8 @@ LOW_PRECISION = [  # bf16/fp16: ATen's mixed-precision kernels with float32 stat
     Case("ln", (3, 2, 16), {"normalized_ndim": 1}),
     Case("ln", (1, 5, 4096), {"normalized_ndim": 2}),  # one long row: blocked, or shared by the threads
     Case("sn", (2, 3, 4, 5)),
+    Case("gn", (2, 6, 4, 3), {"groups": 3}, channels_last=True),
+    Case("bn", (4, 6, 5, 3), channels_last=True),
 ]
 
 
@@ -261,6 +263,13 @@ def test_auto_picks_a_cpu_backend_for_contiguous_cpu_tensors(dtype):
         spec = NormSpec(getattr(view, dims_of), view.affine_shape(xv.shape[1]), view)
         assert select_backend("auto", xv, spec) is expected
     assert select_backend("auto", x.view(40, 20), NormSpec((1,), (1, 20))) is expected  # LN rows
+    # channels_last: native for BN, GN and IN too; "cpu" only for BN (ATen's channels_last GN cancels)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for dims_of, groups in (("group_dims", 2), ("batch_dims", 8)):
+        xv, view = to_view(channels_last, groups)
+        spec = NormSpec(getattr(view, dims_of), view.affine_shape(groups), view)
+        if expected is native_backend or dims_of == "batch_dims":
+            assert select_backend("auto", xv, spec) is expected
 
 
 FALLBACKS = [
