@@ -63,7 +63,7 @@ bool params_in_storage_type(const at::Tensor& x, std::initializer_list<const at:
     return true;
 }
 
-// One geometry of a call, built once by native_backend.py's `_plan`: the GEOMETRY_FIELDS fields of `Sets`, the threads,
+// One geometry of a call, built once by native_backend.py's `_plan`: the fields of `Sets`, the threads,
 // the rows of parameter-gradient partials, the statistics' shape; for the double backward the view of x that
 // the sets describe, the reduced dims of that view and the parameters' broadcast shape (empty: none); and
 // whether the caller takes the statistics (BN's and IN's running estimates) or y alone (GN, LN).
