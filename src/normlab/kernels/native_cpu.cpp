@@ -663,7 +663,7 @@ void column_sums(i64 begin, i64 end, i64 width, C* acc1, C* acc2, double* out1, 
     }
 }
 
-// The threads' partial column sums (threads × width each, from `first`) added into row 0.
+// The threads' partial column sums (a row of `width` per thread) added into row 0.
 inline void pool_threads(double* part, i64 width, int threads) {
     for (int t = 1; t < threads; ++t)
         for (i64 c = 0; c < width; ++c) part[c] += part[t * width + c];
@@ -1011,7 +1011,7 @@ void cell_combine(const T* dy, const T* x, T* out, const C* a, const C* k, const
 //     ∇g_r = Σ ∇w·v / ‖v_r‖,     ∇v = (g_r/‖v_r‖)·∇w − (g_r·∇g_r/‖v_r‖²)·v
 // Rows run in parallel; a row is read again from L1/L2 for ∇v, so memory sees ∇w and v once. (ATen's fused
 // kernel does the same; its forward is at the memory's speed already and is kept.) `stream`: ∇v (float32) is
-// written past the caches, as a large copy is (see `weight_norm_backward` in native_weight_norm.cpp).
+// written past the caches, as a large copy is (see `weight_norm` in native_weight_norm.cpp).
 template <typename T, typename C = compute_t<T>>
 void weight_norm_rows_backward(const T* dw, const T* v, const T* g, const C* norms, T* dv, T* dg, i64 rows, i64 len,
                                bool stream, int threads) {
