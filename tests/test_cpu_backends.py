@@ -60,6 +60,9 @@ CASES = [
     Case("bn", (3, 5, 20, 20), channels_last=True),
     Case("in", (2, 3, 2, 550), channels_last=True),
     Case("gn", (2, 4, 2, 3, 2), {"groups": 2}, channels_last=True),
+    Case("sn", (2, 3, 4, 5), channels_last=True),  # SN: its moments, output and dx passes by columns
+    Case("sn", (3, 4, 3, 3), {"sources": ("in", "ln")}, channels_last=True),
+    Case("sn", (3, 2, 2, 2, 3), channels_last=True),
     Case("gn", (2, 6, 5), {"groups": 3}),  # 2 channels per group
     Case("gn", (2, 6, 4, 3), {"groups": 1}),  # G = 1: SPEC's LN with per-channel affine
     Case("gn", (2, 6, 4, 3), {"groups": 6}),  # G = C: IN
@@ -126,13 +129,13 @@ def route(request, monkeypatch):
     return request.param
 
 
-NATIVE_CHANNELS_LAST = ("bn", "gn", "in")  # the methods that the native kernels run on channels_last inputs
+NATIVE_CHANNELS_LAST = ("bn", "gn", "in", "sn")  # the methods that the native kernels run on channels_last inputs
 
 
 def skip_unsupported(case, backend, dtype=torch.float32):
     if backend == "native" and (case.channels_last and case.method not in NATIVE_CHANNELS_LAST
                                 or dtype == torch.float16):
-        pytest.skip("native takes float32/bfloat16/float64 inputs, contiguous or channels_last BN/GN/IN "
+        pytest.skip("native takes float32/bfloat16/float64 inputs, contiguous or channels_last BN/GN/IN/SN "
                     "(others: test_*_fall_back)")
     if backend == "cpu" and case.channels_last and case.method != "bn":
         pytest.skip("cpu takes channels_last BN only (others: test_*_fall_back)")
@@ -273,8 +276,8 @@ def test_auto_picks_a_cpu_backend_for_contiguous_cpu_tensors(dtype):
 
 
 FALLBACKS = [
-    # channels_last GN/IN/LN: ATen's kernels compute E[x²] − E[x]² there (cancels under an offset): "cpu" hands
-    # them on; the native kernels run GN and IN (and BN) themselves, not SN
+    # channels_last GN/IN/SN: ATen's kernels compute E[x²] − E[x]² there (cancels under an offset): "cpu" hands
+    # them on; the native kernels run them (and BN) themselves
     Case("gn", (2, 6, 4, 3), {"groups": 3}, channels_last=True),
     Case("in", (2, 5, 3, 3), channels_last=True),
     Case("gn", (2, 6, 4, 3), {"groups": 1}, channels_last=True),
@@ -287,7 +290,7 @@ def test_unsupported_layouts_fall_back(case, backend):
     if backend == "cpu" and case.method == "bn":
         pytest.skip("the cpu backend runs channels_last BN")
     if backend == "native" and case.method in NATIVE_CHANNELS_LAST:
-        pytest.skip("the native backend runs channels_last BN, GN and IN")
+        pytest.skip("the native backend runs channels_last BN, GN, IN and SN")
     x, p = make_inputs(case, torch.float32)
     with pytest.raises(ValueError, match="cannot run this call"):
         call(case, x, p, backend)

@@ -11,9 +11,9 @@ while they are read three times (see the .cpp file) — so each direction costs 
 
 Calls it takes (`supports`): contiguous NCHW views of GN, IN, LN over (C, *) and BN, LN over trailing dims,
 channels_last views of GN, IN and BN (rows of C channels: the .cpp's `forward_channels_last`), and Switchable
-Norm (two passes forward, as its statistics mix across cells). Statistics, parameters and arithmetic are
-float32 (float64 for float64 inputs). Channels_last SN and LN over (C, *), float16 inputs, other devices and
-torch.compile tracing go to the next backend ("cpu", then "torch").
+Norm, contiguous or channels_last (two passes forward, as its statistics mix across cells). Statistics,
+parameters and arithmetic are float32 (float64 for float64 inputs). Channels_last LN over (C, *), float16
+inputs, other devices and torch.compile tracing go to the next backend ("cpu", then "torch").
 
 Per-call overhead: BN/LN/IN/GN calls from normlab.functional go through `bind`, a `Plan` of the call's geometry
 from the library's Python module (pybind11), called with the tensors; its autograd node is in C++ (the contract
@@ -213,7 +213,7 @@ def supports(xv: Tensor, spec: NormSpec) -> bool:
 
 
 def supports_switch(xv: Tensor, spec: SwitchSpec) -> bool:
-    return not spec.view.channels_last and _usable(xv)
+    return _usable(xv)
 
 
 # ---------------------------------------------------------------- calls into the library
@@ -384,19 +384,20 @@ def bind_switch(xv: Tensor, spec: SwitchSpec):
     plan(x, weight, bias, mean_logits, var_logits, running_mean, running_var, eps) -> (y, batch_mean, batch_var),
     ``x`` the contiguous tensor that ``xv`` views (y in its shape), the other tensors in their own shapes;
     batch_mean/batch_var (C,) the batch's BN source (σ² as mixed, before any unbiasing) or None."""
-    plan = _plan_for(xv, "group")  # one statistics set per (n, c) cell
+    plan = _plan_for(xv, "group_cl" if spec.view.channels_last else "group")  # one statistics set per (n, c) cell
     return _module.SwitchPlan(plan.fields, plan.threads, [_SOURCE_CODES[s] for s in spec.sources],
                               ",".join(spec.sources), spec.running_bn, spec.authors_compat)
 
 
 def switch_forward(xv, weight, bias, mean_logits, var_logits, running_mean, running_var, spec, eps):
     #   the contract's pair: the same C++ as `bind_switch`'s plan, without its node
-    n, channels = xv.shape[:2]
+    per_channel = spec.view.affine_shape(spec.view.input_shape[1])  # (1, C, 1, 1); channels_last (1, 1, C, 1)
     y, mean_in, var_in, batch_mean, batch_var = bind_switch(xv, spec).forward(
         xv, weight, bias, mean_logits, var_logits, running_mean, running_var, eps)
     if batch_mean is not None:
-        batch_mean, batch_var = batch_mean.view(1, channels, 1, 1), batch_var.view(1, channels, 1, 1)
-    return y, mean_in.view(n, channels, 1, 1), var_in.view(n, channels, 1, 1), batch_mean, batch_var
+        batch_mean, batch_var = batch_mean.view(per_channel), batch_var.view(per_channel)
+    per_cell = (xv.shape[0], *per_channel[1:])
+    return y, mean_in.view(per_cell), var_in.view(per_cell), batch_mean, batch_var
 
 
 def switch_backward(dy, xv, weight, mean_logits, var_logits, running_mean, running_var,

@@ -1034,6 +1034,30 @@ void weight_norm_rows_backward(const T* dw, const T* v, const T* g, const C* nor
     }
 }
 
+// `cell_combine` on a channels_last input: cell q = (n, c) is column c of slab n, `len` rows of `channels`.
+template <typename T, typename C = typename Compute<T>::type>
+void cell_combine_channels_last(const T* dy, const T* x, T* out, const C* a, const C* k, const C* centre, const C* c,
+                                i64 cells, i64 len, i64 channels, int threads) {
+    const i64 slabs = cells / channels;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (i64 o = 0; o < slabs; ++o)
+        for (i64 row = 0; row < len; ++row) {
+            const i64 at = (o * len + row) * channels, q = o * channels;
+            const T* xs = x + at;
+            T* outs = out + at;
+            if (dy != nullptr) {
+                const T* dys = dy + at;
+#pragma omp simd
+                for (i64 j = 0; j < channels; ++j)
+                    outs[j] = store<T, C>(a[q + j] * load(dys[j]) + k[q + j] * (load(xs[j]) - centre[q + j]) + c[q + j]);
+            } else {
+#pragma omp simd
+                for (i64 j = 0; j < channels; ++j)
+                    outs[j] = store<T, C>(k[q + j] * (load(xs[j]) - centre[q + j]) + c[q + j]);
+            }
+        }
+}
+
 // Runs f with the storage type that `dtype` names: 0 float32, 1 bfloat16, 2 float64.
 template <typename F> int dispatch(int dtype, F&& f) {
     switch (dtype) {
@@ -1093,6 +1117,18 @@ int nl_cell_combine(int dtype, const void* dy, const void* x, void* out, const v
         cell_combine<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(out),
                         static_cast<const C*>(a), static_cast<const C*>(k), static_cast<const C*>(centre),
                         static_cast<const C*>(c), cells, len, stream != 0, threads);
+    });
+}
+
+int nl_cell_combine_channels_last(int dtype, const void* dy, const void* x, void* out, const void* a, const void* k,
+                                  const void* centre, const void* c, int64_t cells, int64_t len, int64_t channels,
+                                  int threads) {
+    return dispatch(dtype, [&](auto tag) {
+        using T = decltype(tag);
+        using C = typename Compute<T>::type;
+        cell_combine_channels_last<T>(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(out),
+                                      static_cast<const C*>(a), static_cast<const C*>(k), static_cast<const C*>(centre),
+                                      static_cast<const C*>(c), cells, len, channels, threads);
     });
 }
 

@@ -14,6 +14,9 @@ int nl_backward(int dtype, const void* dy, const void* x, void* dx, const void* 
                 const void* rstd, void* dw_part, void* db_part, const int64_t* geometry, int sum_rows, int threads);
 int nl_cell_combine(int dtype, const void* dy, const void* x, void* out, const void* a, const void* k,
                     const void* centre, const void* c, int64_t cells, int64_t len, int stream, int threads);
+int nl_cell_combine_channels_last(int dtype, const void* dy, const void* x, void* out, const void* a, const void* k,
+                                  const void* centre, const void* c, int64_t cells, int64_t len, int64_t channels,
+                                  int threads);
 int nl_weight_norm_backward(int dtype, const void* dw, const void* v, const void* g, const void* norms, void* dv,
                             void* dg, int64_t rows, int64_t len, int stream, int threads);
 }

@@ -48,8 +48,8 @@ using MaybeTensor = std::optional<at::Tensor>;
 
 enum Source : int64_t { IN = 0, LN = 1, BN = 2 };  // native_backend.py's codes
 
-// One geometry of an SN call on the (N, C, 1, L) view: the cells' `Sets` (nl_forward's geometry, one set per
-// cell), the threads, the sources in logit order (their names too, for the graph backward).
+// One geometry of an SN call on the (N, C, 1, L) view, or a channels_last input's (N, L, C, 1): the cells'
+// `Sets` (nl_forward's geometry, one set per cell), the threads, the sources in logit order (their names too, for the graph backward).
 struct SwitchPlan : std::enable_shared_from_this<SwitchPlan> {
     std::vector<int64_t> geometry;
     int threads;
@@ -70,6 +70,7 @@ struct SwitchPlan : std::enable_shared_from_this<SwitchPlan> {
     }
     int64_t cells() const { return n * channels; }
     bool stream() const { return geometry[11] != 0; }
+    bool channels_last() const { return geometry[14] != 0; }  // x is (N, L, C) in memory: cells are columns
     double in_var_scale() const { return authors_compat && positions > 1 ? double(positions) / (positions - 1) : 1; }
 };
 
@@ -187,6 +188,12 @@ void cell_combine(const SwitchPlan& p, const at::Tensor& dy, const at::Tensor& x
         using C = decltype(zero);  // the kernels' coefficient type
         const auto cast = [](const Values& v) { return std::vector<C>(v.begin(), v.end()); };
         const std::vector<C> ca = cast(a), ck = cast(k), ccentre = cast(centre), cc = cast(c);
+        if (p.channels_last()) {
+            nl_cell_combine_channels_last(dtype_code(x.scalar_type()), data(dy), x.data_ptr(), out.data_ptr(),
+                                          ca.empty() ? nullptr : ca.data(), ck.data(), ccentre.data(), cc.data(),
+                                          p.cells(), p.positions, p.channels, p.threads);
+            return;
+        }
         nl_cell_combine(dtype_code(x.scalar_type()), data(dy), x.data_ptr(), out.data_ptr(),
                         ca.empty() ? nullptr : ca.data(), ck.data(), ccentre.data(), cc.data(), p.cells(), p.positions,
                         p.stream(), p.threads);
