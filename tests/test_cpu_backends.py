@@ -103,6 +103,7 @@ LOW_PRECISION = [  # bf16/fp16: ATen's mixed-precision kernels with float32 stat
     Case("sn", (2, 3, 4, 5)),
     Case("gn", (2, 6, 4, 3), {"groups": 3}, channels_last=True),
     Case("bn", (4, 6, 5, 3), channels_last=True),
+    Case("sn", (2, 3, 4, 5), channels_last=True),
 ]
 
 

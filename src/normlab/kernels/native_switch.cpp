@@ -49,7 +49,8 @@ using MaybeTensor = std::optional<at::Tensor>;
 enum Source : int64_t { IN = 0, LN = 1, BN = 2 };  // native_backend.py's codes
 
 // One geometry of an SN call on the (N, C, 1, L) view, or a channels_last input's (N, L, C, 1): the cells'
-// `Sets` (nl_forward's geometry, one set per cell), the threads, the sources in logit order (their names too, for the graph backward).
+// `Sets` (nl_forward's geometry, one set per cell), the threads, the sources in logit order (their names too,
+// for the graph backward).
 struct SwitchPlan : std::enable_shared_from_this<SwitchPlan> {
     std::vector<int64_t> geometry;
     int threads;
